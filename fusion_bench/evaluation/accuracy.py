@@ -1,0 +1,20 @@
+"""Top-1 (micro) accuracy of a classifier on a data set."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchmetrics.classification import MulticlassAccuracy
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, dataset: Dataset, num_classes: int, batch_size: int = 256) -> float:
+    """Fraction of correctly classified samples; every sample counted exactly once."""
+    metric = MulticlassAccuracy(num_classes=num_classes, average="micro")
+    was_training = model.training
+    model.eval()
+    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        metric.update(model(x).argmax(dim=-1), y)
+    model.train(was_training)
+    return float(metric.compute())

@@ -1,0 +1,225 @@
+"""The whole loop: finetune -> merge -> evaluate -> report. Each stage reads only what the one before wrote."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import open_clip
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from fusion_bench.data.tasks import Task, known_tasks, load_task
+from fusion_bench.evaluation.accuracy import accuracy
+from fusion_bench.finetune.train import cleanup, finetune
+from fusion_bench.models.clip import ImageClassifier, image_norm, load_clip, zero_shot_head
+from fusion_bench.models.modes import build_mode_model, eval_model, to_merge_space, trainable_state
+from fusion_bench.reporting.report import write_report
+from fusion_bench.store import CheckpointStore, atomic_save_safetensors, atomic_write_text, config_hash
+
+log = logging.getLogger(__name__)
+
+STAGES = ("finetune", "merge", "evaluate", "all")
+SEARCH_GRID = [round(0.05 * i, 2) for i in range(21)]
+
+
+class MissingFinetuneError(FileNotFoundError):
+    pass
+
+
+def validate(cfg: DictConfig) -> None:
+    """Catch config errors before anything trains."""
+    if cfg.stage not in STAGES:
+        raise ValueError(f"stage={cfg.stage!r}: expected one of {STAGES}")
+    known = known_tasks(cfg.taskpool)
+    unknown = [t for t in cfg.taskpool.tasks if t not in known]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown} in taskpool.tasks; {cfg.taskpool.name} has {known}")
+    if len(set(cfg.taskpool.tasks)) != len(cfg.taskpool.tasks):
+        raise ValueError(f"taskpool.tasks has duplicates: {list(cfg.taskpool.tasks)}")
+    coef = cfg.method.get("scaling_coef")
+    if coef is not None and not isinstance(coef, (int, float)) and coef != "search":
+        coefs = list(coef)
+        if len(coefs) != len(cfg.taskpool.tasks):
+            raise ValueError(f"method.scaling_coef has {len(coefs)} values for {len(cfg.taskpool.tasks)} tasks")
+    k = cfg.method.get("k")
+    if k is not None and not 0 < float(k) <= 1:
+        raise ValueError(f"method.k={k} must be in (0, 1]")
+
+
+@dataclass
+class Experiment:
+    cfg: DictConfig
+    _heads: dict = field(default_factory=dict)
+
+    @cached_property
+    def clip(self) -> nn.Module:
+        return load_clip(self.cfg.model)
+
+    @cached_property
+    def tokenizer(self):
+        return open_clip.get_tokenizer(self.cfg.model.arch)
+
+    @cached_property
+    def tasks(self) -> dict[str, Task]:
+        mean, std = image_norm(self.clip)
+        return {t: load_task(self.cfg.taskpool, t, mean, std, self.cfg.paths.data) for t in self.cfg.taskpool.tasks}
+
+    @cached_property
+    def store(self) -> CheckpointStore:
+        return CheckpointStore(self.cfg.paths.store)
+
+    @cached_property
+    def base(self) -> nn.Module:
+        """The mode model at the pretrained weights (theta_0 of the trainable parameters)."""
+        return build_mode_model(self.cfg.finetune, self.clip.visual)
+
+    @cached_property
+    def pretrained_state(self) -> dict[str, torch.Tensor]:
+        """theta_0 in the space task vectors live in."""
+        return to_merge_space(self.cfg.finetune, self.clip.visual, trainable_state(self.base))
+
+    @cached_property
+    def method(self):
+        """The merging function (a functools.partial); a scaling_coef passed to it overrides the YAML's."""
+        fn = instantiate(self.cfg.method)
+        needs = getattr(getattr(fn, "func", fn), "requires_mode", None)
+        if needs and self.cfg.finetune.mode != needs:
+            raise ValueError(f"method needs fine-tunes of finetune={needs}, got finetune={self.cfg.finetune.mode}")
+        return fn
+
+    def head(self, task: str) -> torch.Tensor:
+        if task not in self._heads:
+            t = self.tasks[task]
+            self._heads[task] = zero_shot_head(self.clip, self.tokenizer, t.classnames, t.templates)
+        return self._heads[task]
+
+    def checkpoint(self, task: str) -> Path:
+        c = self.cfg
+        hp = {"train": OmegaConf.to_container(c.model.train), "finetune": OmegaConf.to_container(c.finetune),
+              "pool": c.taskpool.name, "weights": str(c.model.get("pretrained"))}
+        return self.store.path(c.model.name, c.finetune.mode, task, c.seed, hp)
+
+    def model_with(self, merged: dict[str, torch.Tensor], linearized: bool = False) -> nn.Module:
+        """An encoder at the given merge-space weights (a fine-tune or a merge)."""
+        return eval_model(self.cfg.finetune, self.clip.visual, merged, linearized)
+
+    def acc(self, encoder: nn.Module, task: str, split: str) -> float:
+        t = self.tasks[task]
+        return accuracy(ImageClassifier(encoder, self.head(task)), t.split(split), t.num_classes,
+                        self.cfg.model.eval_batch_size)
+
+    # ---- finetune stage -------------------------------------------------------------------------------
+    def ensure_finetuned(self, task: str) -> Path:
+        path = self.checkpoint(task)
+        if path.is_file():
+            log.info("reusing fine-tune %s", path)
+            return path
+        module = build_mode_model(self.cfg.finetune, self.clip.visual)
+        work_dir = path.with_suffix(".partial")
+        sec = finetune(module, self.head(task), self.tasks[task], self.cfg.model.train, self.cfg.trainer,
+                       self.cfg.seed, work_dir)
+        meta = {"task": task, "mode": self.cfg.finetune.mode, "model": self.cfg.model.name,
+                "seed": self.cfg.seed, "seconds_per_step": round(sec, 4)}
+        self.store.save(path, trainable_state(module), meta)
+        cleanup(work_dir)
+        log.info("fine-tuned %s in %.3f s/step -> %s", task, sec, path)
+        return path
+
+    def finetuned_state(self, task: str) -> dict[str, torch.Tensor]:
+        path = self.checkpoint(task)
+        if not path.is_file():
+            raise MissingFinetuneError(
+                f"missing fine-tune for task {task!r} (mode {self.cfg.finetune.mode}, seed {self.cfg.seed}): {path}\n"
+                f"make it with: python run.py stage=finetune model={self.cfg.model.name} "
+                f"taskpool={self.cfg.taskpool.name} finetune={self.cfg.finetune.mode} seed={self.cfg.seed}"
+            )
+        stored = self.store.load(path, expected=trainable_state(self.base))
+        return to_merge_space(self.cfg.finetune, self.clip.visual, stored)
+
+    def reference_accuracies(self, task: str) -> dict[str, float]:
+        """Zero-shot and individual fine-tuned accuracy (val and test), cached next to the checkpoint."""
+        path = self.checkpoint(task).with_suffix(f".eval-{config_hash(dict(self.cfg.taskpool))}.json")
+        if path.is_file():
+            return json.loads(path.read_text())
+        ft = self.model_with(self.finetuned_state(task))
+        res = {f"{name}_{split}": self.acc(enc, task, split)
+               for name, enc in (("zeroshot", self.clip.visual), ("finetuned", ft)) for split in ("val", "test")}
+        atomic_write_text(path, json.dumps(res))
+        return res
+
+    # ---- merge stage ------------------------------------------------------------------------------------
+    def merge(self, finetuned: list[dict], scaling_coef) -> dict[str, torch.Tensor]:
+        kwargs = {"scaling_coef": scaling_coef} if "scaling_coef" in inspect.signature(self.method).parameters else {}
+        return self.method(self.pretrained_state, finetuned, **kwargs)
+
+    def merged_accuracies(self, merged: dict, split: str) -> dict[str, float]:
+        fn = getattr(self.method, "func", self.method)
+        enc = self.model_with(merged, linearized=getattr(fn, "evaluate_linearized", False))
+        return {t: self.acc(enc, t, split) for t in self.tasks}
+
+
+def _normalized_mean(acc: dict[str, float], ref: dict[str, dict], split: str) -> float:
+    return sum(acc[t] / max(ref[t][f"finetuned_{split}"], 1e-12) for t in acc) / len(acc)
+
+
+def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
+    validate(cfg)
+    torch.set_num_threads(int(cfg.num_threads))
+    exp = Experiment(cfg)
+    tasks = list(cfg.taskpool.tasks)
+    t0 = time.perf_counter()
+    if cfg.stage in ("finetune", "all"):
+        for task in tasks:
+            exp.ensure_finetuned(task)
+        if cfg.stage == "finetune":
+            return None
+    finetuned = [exp.finetuned_state(t) for t in tasks]
+    coef = cfg.method.get("scaling_coef")
+    if coef is not None and not isinstance(coef, (int, float, str)):
+        coef = [float(c) for c in coef]
+    search = None
+    ref = {t: exp.reference_accuracies(t) for t in tasks} if cfg.stage != "merge" else {}
+    if coef == "search":
+        if cfg.stage == "merge":
+            raise ValueError("method.scaling_coef=search needs evaluation: use stage=evaluate or stage=all")
+        search = {}
+        for c in SEARCH_GRID:
+            val = exp.merged_accuracies(exp.merge(finetuned, c), "val")
+            search[c] = _normalized_mean(val, ref, "val")
+            log.info("scaling_coef %.2f: val normalized accuracy %.4f", c, search[c])
+        coef = max(search, key=search.get)
+    merged = exp.merge(finetuned, coef)
+    if cfg.stage == "merge":
+        out = atomic_save_safetensors(merged, run_dir / "merged.safetensors")
+        log.info("merged weights written to %s", out)
+        return None
+    test = exp.merged_accuracies(merged, "test")
+    per_task = {
+        t: {"zeroshot": ref[t]["zeroshot_test"], "finetuned": ref[t]["finetuned_test"], "merged": test[t],
+            "normalized": test[t] / max(ref[t]["finetuned_test"], 1e-12)}
+        for t in tasks
+    }
+    report = {
+        "model": cfg.model.name,
+        "finetune": cfg.finetune.mode,
+        "method": method_name,
+        "taskpool": cfg.taskpool.name,
+        "scaling_coef": coef,
+        "seed": cfg.seed,
+        "tasks": per_task,
+        "average": {k: sum(v[k] for v in per_task.values()) / len(per_task)
+                    for k in ("zeroshot", "finetuned", "merged", "normalized")},
+        "search": None if search is None else {"grid": list(search), "val_normalized": list(search.values())},
+        "method_config": OmegaConf.to_container(cfg.method),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    write_report(report, run_dir)
+    return report

@@ -1,0 +1,51 @@
+"""report.json / report.md in the run directory, and the table printed at the end of a run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from fusion_bench.store import atomic_write_text
+
+COLUMNS = ("zeroshot", "finetuned", "merged", "normalized")
+
+
+def markdown(report: dict) -> str:
+    head = (f"# {report['method']} on {report['taskpool']} ({report['model']}, finetune={report['finetune']}, "
+            f"scaling_coef={report['scaling_coef']})\n\n")
+    lines = ["| task | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    rows = list(report["tasks"].items()) + [("**average**", report["average"])]
+    lines += [f"| {t} | " + " | ".join(f"{r[c]:.4f}" for c in COLUMNS) + " |" for t, r in rows]
+    return head + "\n".join(lines) + "\n"
+
+
+def print_table(report: dict) -> None:
+    table = Table(title=f"{report['method']} | {report['model']} | finetune={report['finetune']} | "
+                        f"scaling_coef={report['scaling_coef']}")
+    table.add_column("task")
+    for c in COLUMNS:
+        table.add_column(c, justify="right")
+    for t, r in report["tasks"].items():
+        table.add_row(t, *(f"{100 * r[c]:.1f}" for c in COLUMNS))
+    table.add_row("average", *(f"{100 * report['average'][c]:.1f}" for c in COLUMNS), style="bold")
+    Console().print(table)
+
+
+def _fresh(path: Path) -> Path:
+    """Never overwrite an earlier run's output: report.json -> report-1.json, ... if taken."""
+    i, p = 0, path
+    while p.exists():
+        i += 1
+        p = path.with_name(f"{path.stem}-{i}{path.suffix}")
+    return p
+
+
+def write_report(report: dict, run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    out = atomic_write_text(_fresh(run_dir / "report.json"), json.dumps(report, indent=2))
+    atomic_write_text(out.with_suffix(".md"), markdown(report))
+    print_table(report)
+    return out

@@ -1,0 +1,100 @@
+"""Checkpoint store: fine-tuned weights as safetensors, keyed by everything that determines them.
+
+Writes are atomic (temp file + rename); loads are safe (safetensors, never pickle) and checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or does not fit what it is used for."""
+
+
+def atomic_write(path: str | Path, write) -> Path:
+    """Call write(tmp_path) then rename onto path: a crash leaves any earlier file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_save_safetensors(state: Mapping[str, torch.Tensor], path, metadata: dict[str, str] | None = None):
+    state = {k: v.detach().contiguous() for k, v in state.items()}
+    return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+
+
+def load_safetensors(path: str | Path, check_finite: bool = True) -> dict[str, torch.Tensor]:
+    """Load a safetensors file, naming the file (and the key) in every error."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"corrupted or truncated checkpoint {path}: {e}. Delete it and re-run.") from e
+    if check_finite:
+        for k, v in state.items():
+            if v.is_floating_point() and not torch.isfinite(v).all():
+                raise CheckpointError(f"checkpoint {path}: tensor {k!r} contains NaN or Inf")
+    return state
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
+def config_hash(fields: Mapping) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+class CheckpointStore:
+    """root/<model>/<mode>/<task>/seed<seed>-<hash of everything else>.safetensors"""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def path(self, model: str, mode: str, task: str, seed: int, hparams: Mapping) -> Path:
+        h = config_hash({"model": model, "mode": mode, "task": task, "seed": seed, **hparams})
+        return self.root / model / mode / task / f"seed{seed}-{h}.safetensors"
+
+    def save(self, path: Path, state: Mapping[str, torch.Tensor], meta: Mapping) -> Path:
+        return atomic_save_safetensors(state, path, metadata={"fusion_bench": json.dumps(dict(meta), default=str)})
+
+    def load(self, path: Path, expected: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Load a stored fine-tune; with `expected`, check it has exactly those keys and shapes."""
+        state = load_safetensors(path)
+        if expected is not None:
+            missing = sorted(set(expected) - set(state))
+            extra = sorted(set(state) - set(expected))
+            if missing or extra:
+                raise CheckpointError(f"checkpoint {path} does not fit the model: missing {missing[:5]}, unexpected {extra[:5]}")
+            for k, v in state.items():
+                if tuple(v.shape) != tuple(expected[k].shape):
+                    raise CheckpointError(
+                        f"checkpoint {path}: {k!r} has shape {tuple(v.shape)}, model expects {tuple(expected[k].shape)}"
+                    )
+        return state

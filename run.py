@@ -1,0 +1,19 @@
+"""fusion_bench entry point: `python run.py method=ties model=tiny_clip taskpool=tiny_eight finetune=standard`."""
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from fusion_bench.pipeline import run
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    hc = HydraConfig.get()
+    run(cfg, Path(hc.runtime.output_dir), method_name=hc.runtime.choices["method"])
+
+
+if __name__ == "__main__":
+    main()

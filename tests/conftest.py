@@ -1,0 +1,28 @@
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+CONF = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture
+def make_cfg(tmp_path, data_dir):
+    """Compose the real Hydra configs with overrides; outputs go to a temporary directory."""
+
+    def _make(*overrides: str):
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            return compose("config", overrides=[f"paths.root={tmp_path}", f"paths.data={data_dir}", *overrides])
+
+    return _make

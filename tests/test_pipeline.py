@@ -1,0 +1,69 @@
+"""End to end on two tiny tasks: finetune -> merge -> evaluate -> report, reuse of the store, stage errors."""
+
+import json
+
+import pytest
+
+from fusion_bench.pipeline import MissingFinetuneError, run
+from fusion_bench.store import CheckpointError
+
+FAST = ["taskpool.tasks=[digits,shapes]", "model.train.steps=15", "model.train.warmup_steps=3",
+        "model.train.batch_size=32", "model.train.checkpoint_every=10"]
+
+
+@pytest.mark.slow
+def test_end_to_end_two_tasks(make_cfg, tmp_path, monkeypatch):
+    cfg = make_cfg(*FAST)
+    with pytest.raises(MissingFinetuneError, match=r"python run.py stage=finetune model=tiny_clip"):
+        run(make_cfg(*FAST, "stage=merge"), tmp_path / "merge0", "task_arithmetic")
+
+    report = run(cfg, tmp_path / "run1", "task_arithmetic")
+    saved = json.loads((tmp_path / "run1" / "report.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert (tmp_path / "run1" / "report.md").read_text().count("|") > 20
+    assert saved["model"] == "tiny_clip" and saved["finetune"] == "standard" and saved["method"] == "task_arithmetic"
+    assert saved["scaling_coef"] == 0.3
+    for task in ("digits", "shapes"):
+        r = saved["tasks"][task]
+        assert all(0.0 <= r[k] <= 1.0 for k in ("zeroshot", "finetuned", "merged"))
+        assert r["normalized"] == pytest.approx(r["merged"] / r["finetuned"])
+    avg = saved["average"]
+    assert avg["merged"] == pytest.approx((saved["tasks"]["digits"]["merged"] + saved["tasks"]["shapes"]["merged"]) / 2)
+    # fine-tuning helps on its own task even after 15 steps
+    assert avg["finetuned"] > avg["zeroshot"]
+
+    # a rerun reuses the stored fine-tunes: training must not be called again
+    monkeypatch.setattr("fusion_bench.pipeline.finetune", lambda *a, **k: pytest.fail("retrained a cached task"))
+    again = run(make_cfg(*FAST), tmp_path / "run2", "task_arithmetic")
+    assert again["tasks"] == report["tasks"]
+
+    # stage=merge writes merged weights; a same-seed run gives identical accuracies
+    run(make_cfg(*FAST, "stage=merge"), tmp_path / "merge1", "task_arithmetic")
+    assert (tmp_path / "merge1" / "merged.safetensors").stat().st_size > 1e6
+
+    # a corrupted checkpoint is refused with its path in the message
+    store = next((tmp_path / "store").rglob("*digits*/*.safetensors"))
+    store.write_bytes(store.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=str(store)):
+        run(make_cfg(*FAST, "stage=evaluate"), tmp_path / "run3", "task_arithmetic")
+
+
+@pytest.mark.slow
+def test_scaling_coef_search_on_val(make_cfg, tmp_path):
+    report = run(make_cfg(*FAST, "taskpool.tasks=[colors,position]", "method.scaling_coef=search"),
+                 tmp_path, "task_arithmetic")
+    grid = report["search"]["grid"]
+    assert grid == [round(0.05 * i, 2) for i in range(21)] and "0.15" in json.dumps(grid)
+    best = max(range(21), key=lambda i: report["search"]["val_normalized"][i])
+    assert report["scaling_coef"] == grid[best]
+
+
+def test_config_errors_caught_before_training(make_cfg, tmp_path):
+    from fusion_bench.pipeline import validate
+
+    with pytest.raises(ValueError, match="unknown task"):
+        validate(make_cfg("taskpool.tasks=[digits,imagenet]"))
+    with pytest.raises(ValueError, match="stage"):
+        validate(make_cfg("stage=train"))
+    with pytest.raises(ValueError, match="3 values for 2 tasks"):
+        validate(make_cfg("taskpool.tasks=[digits,shapes]", "method.scaling_coef=[0.1,0.2,0.3]"))
