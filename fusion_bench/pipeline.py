@@ -18,6 +18,7 @@ from torch import nn
 
 from fusion_bench.data.tasks import Task, known_tasks, load_task
 from fusion_bench.evaluation.accuracy import accuracy
+from fusion_bench.evaluation.distributed import distributed_accuracy
 from fusion_bench.finetune.train import cleanup, finetune
 from fusion_bench.models.clip import ImageClassifier, image_norm, load_clip, zero_shot_head
 from fusion_bench.models.modes import build_mode_model, eval_model, to_merge_space, trainable_state
@@ -26,7 +27,7 @@ from fusion_bench.store import CheckpointStore, atomic_save_safetensors, atomic_
 
 log = logging.getLogger(__name__)
 
-STAGES = ("finetune", "merge", "evaluate", "all")
+STAGES = ("finetune", "merge", "evaluate", "all", "analyze")
 SEARCH_GRID = [round(0.05 * i, 2) for i in range(21)]
 
 
@@ -38,6 +39,8 @@ def validate(cfg: DictConfig) -> None:
     """Catch config errors before anything trains."""
     if cfg.stage not in STAGES:
         raise ValueError(f"stage={cfg.stage!r}: expected one of {STAGES}")
+    if cfg.stage == "analyze" and not cfg.get("analysis"):
+        raise ValueError("stage=analyze needs analysis=cosine|disentanglement|num_tasks")
     known = known_tasks(cfg.taskpool)
     unknown = [t for t in cfg.taskpool.tasks if t not in known]
     if unknown:
@@ -70,7 +73,8 @@ class Experiment:
     @cached_property
     def tasks(self) -> dict[str, Task]:
         mean, std = image_norm(self.clip)
-        return {t: load_task(self.cfg.taskpool, t, mean, std, self.cfg.paths.data) for t in self.cfg.taskpool.tasks}
+        return {t: load_task(self.cfg.taskpool, t, mean, std, self.cfg.paths.data,
+                             image_size=self.clip.visual.image_size) for t in self.cfg.taskpool.tasks}
 
     @cached_property
     def store(self) -> CheckpointStore:
@@ -113,8 +117,11 @@ class Experiment:
 
     def acc(self, encoder: nn.Module, task: str, split: str) -> float:
         t = self.tasks[task]
-        return accuracy(ImageClassifier(encoder, self.head(task)), t.split(split), t.num_classes,
-                        self.cfg.model.eval_batch_size)
+        clf = ImageClassifier(encoder, self.head(task))
+        if "ddp" in str(self.cfg.trainer.get("strategy", "")):
+            return distributed_accuracy(clf, t.split(split), t.num_classes, self.cfg.model.eval_batch_size,
+                                        self.cfg.trainer)
+        return accuracy(clf, t.split(split), t.num_classes, self.cfg.model.eval_batch_size)
 
     # ---- finetune stage -------------------------------------------------------------------------------
     def ensure_finetuned(self, task: str) -> Path:
@@ -181,6 +188,10 @@ def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
             exp.ensure_finetuned(task)
         if cfg.stage == "finetune":
             return None
+    if cfg.stage == "analyze":
+        from fusion_bench.evaluation.analysis import run_analysis
+
+        return run_analysis(exp, cfg.analysis, run_dir, method_name)
     finetuned = [exp.finetuned_state(t) for t in tasks]
     coef = cfg.method.get("scaling_coef")
     if coef is not None and not isinstance(coef, (int, float, str)):

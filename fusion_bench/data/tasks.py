@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -37,11 +37,20 @@ def known_tasks(taskpool: DictConfig) -> list[str]:
         from .tiny_eight import TASKS
 
         return list(TASKS)
+    if taskpool.source == "eight_tasks":
+        from .eight_tasks import TASKS
+
+        return list(TASKS)
     raise ValueError(f"unknown task pool source taskpool.source={taskpool.source!r}")
 
 
-def load_task(taskpool: DictConfig, name: str, mean, std, data_dir: str | Path) -> Task:
-    """One task of the pool; images normalised with the model's mean / std."""
+def load_task(taskpool: DictConfig, name: str, mean, std, data_dir: str | Path, image_size=224,
+              data_root: str | Path | None = None) -> Task:
+    """One task of the pool; images normalised with the model's mean / std.
+
+    tiny: generated tensors cached in data_dir. eight_tasks: image files under data_root (default
+    taskpool.data_root), resized / cropped to image_size (the model's `visual.image_size`) by open_clip's transforms.
+    """
     if taskpool.source == "tiny":
         from . import tiny_eight
 
@@ -52,6 +61,22 @@ def load_task(taskpool: DictConfig, name: str, mean, std, data_dir: str | Path) 
             return TensorDataset(tiny_eight.to_tensor(images, mean, std), torch.from_numpy(labels))
 
         return Task(name, list(spec.classnames), list(spec.templates), load)
+    if taskpool.source == "eight_tasks":
+        from . import eight_tasks
+
+        root = data_root if data_root is not None else taskpool.get("data_root")
+        if root is None:
+            raise ValueError("taskpool.data_root is not set (conf/taskpool/eight_tasks.yaml: ${paths.data_root})")
+        layout, where = eight_tasks.find_layout(name, root)
+        spec = eight_tasks.TASKS[name]
+        loader = eight_tasks.SplitLoader(
+            spec, layout, where, image_size, mean, std,
+            train_augment=bool(taskpool.get("train_augment", True)),
+            val_fraction=float(taskpool.get("val_fraction", 0.1)),
+            max_val=int(taskpool.get("max_val", 5000)),
+            seed=int(taskpool.get("split_seed", 0)),
+        )
+        return Task(name, list(spec.classnames), list(spec.templates), loader)
     raise ValueError(f"unknown task pool source taskpool.source={taskpool.source!r}")
 
 
@@ -63,5 +88,9 @@ def _cached_split(root: Path, task: str, split: str) -> tuple[np.ndarray, np.nda
         with np.load(path) as f:
             return f["images"], f["labels"]
     images, labels = make_split(task, split)
-    atomic_write(path, lambda tmp: np.savez(open(tmp, "wb"), images=images, labels=labels))
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
+            np.savez(f, images=images, labels=labels)
+
+    atomic_write(path, write)
     return images, labels

@@ -7,7 +7,10 @@ import math
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassAccuracy
+
+from fusion_bench.finetune.sampler import StepBatchSampler
 
 from fusion_bench.models.clip import ImageClassifier
 
@@ -24,13 +27,21 @@ def cosine_with_warmup(warmup_steps: int, max_steps: int):
 
 class ClassifierFinetune(L.LightningModule):
     def __init__(self, classifier: ImageClassifier, num_classes: int, lr: float, weight_decay: float,
-                 warmup_steps: int, max_steps: int):
+                 warmup_steps: int, max_steps: int, train_set: Dataset | None = None, batch_size: int = 64,
+                 seed: int = 0):
         super().__init__()
         self.classifier = classifier
+        self.train_set, self.batch_size, self.seed = train_set, batch_size, seed
         self.lr, self.weight_decay = lr, weight_decay
         self.warmup_steps, self.max_steps = warmup_steps, max_steps
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+
+    def train_dataloader(self) -> DataLoader:
+        # called after a checkpoint is restored, so global_step is where a resumed run continues
+        sampler = StepBatchSampler(len(self.train_set), self.batch_size, self.seed, self.max_steps,
+                                   start_step=self.trainer.global_step)
+        return DataLoader(self.train_set, batch_sampler=sampler)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.classifier(images)

@@ -10,11 +10,10 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig
 from torch import nn
-from torch.utils.data import DataLoader
 
 from fusion_bench.data.tasks import Task
 from fusion_bench.finetune.module import ClassifierFinetune
@@ -24,14 +23,17 @@ log = logging.getLogger(__name__)
 
 
 def finetune(module: nn.Module, head: torch.Tensor, task: Task, train_cfg: DictConfig, trainer_cfg: DictConfig,
-             seed: int, work_dir: Path) -> float:
-    """Train `module` in place on task's train split; returns seconds per step. work_dir keeps resumable state."""
+             seed: int, work_dir: Path, callbacks: list[Callback] = ()) -> float:
+    """Train `module` in place on the task's train split; returns seconds per step.
+
+    work_dir keeps logs and `checkpoints/last.ckpt` (every train.checkpoint_every steps); a rerun after an
+    interruption resumes from it and ends with the same weights as an uninterrupted run.
+    """
     L.seed_everything(seed, workers=True, verbose=False)
     lm = ClassifierFinetune(ImageClassifier(module, head), task.num_classes, lr=train_cfg.lr,
                             weight_decay=train_cfg.weight_decay, warmup_steps=train_cfg.warmup_steps,
-                            max_steps=train_cfg.steps)
-    loader = DataLoader(task.split("train"), batch_size=train_cfg.batch_size, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(seed))
+                            max_steps=train_cfg.steps, train_set=task.split("train"),
+                            batch_size=train_cfg.batch_size, seed=seed)
     ckpt_dir = work_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     trainer: L.Trainer = instantiate(
@@ -40,18 +42,20 @@ def finetune(module: nn.Module, head: torch.Tensor, task: Task, train_cfg: DictC
         default_root_dir=str(work_dir),
         logger=[CSVLogger(str(work_dir), name="logs"), TensorBoardLogger(str(work_dir), name="tb")],
         callbacks=[ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=train_cfg.checkpoint_every,
-                                   save_last=True, save_top_k=0), RichProgressBar(leave=True)],
+                                   save_last=True, save_top_k=0), RichProgressBar(leave=True), *callbacks],
         limit_val_batches=0,
         num_sanity_val_steps=0,
         enable_model_summary=False,
+        use_distributed_sampler=False,  # StepBatchSampler shards each global batch over the ranks itself
     )
+    if train_cfg.batch_size % trainer.world_size:
+        raise ValueError(f"model.train.batch_size={train_cfg.batch_size} must divide over {trainer.world_size} ranks")
     resume = str(last) if last.is_file() else None
     if resume:
         log.info("resuming %s from %s", task.name, resume)
     t0 = time.perf_counter()
-    trainer.fit(lm, train_dataloaders=loader, ckpt_path=resume)
-    seconds_per_step = (time.perf_counter() - t0) / max(1, train_cfg.steps)
-    return seconds_per_step
+    trainer.fit(lm, ckpt_path=resume)
+    return (time.perf_counter() - t0) / max(1, train_cfg.steps)
 
 
 def cleanup(work_dir: Path) -> None:

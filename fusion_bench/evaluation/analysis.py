@@ -1,0 +1,121 @@
+"""The analyses the seed papers use to explain merging: task-vector cosine similarity, weight disentanglement
+error, and normalized accuracy against the number of merged tasks. Each writes numbers (JSON) and a PNG."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from rich.progress import track
+
+from fusion_bench.reporting import plots
+from fusion_bench.store import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def gram_matrix(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]]) -> np.ndarray:
+    """G[i, j] = <tau_i, tau_j> over all floating-point entries, one tensor at a time, in float64."""
+    n = len(finetuned)
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for key, theta0 in pretrained.items():
+        if not theta0.is_floating_point():
+            continue
+        taus = torch.stack([ft[key].double().flatten() - theta0.double().flatten() for ft in finetuned])
+        gram += taus @ taus.T
+    return gram.numpy()
+
+
+def cosine_matrix(pretrained, finetuned) -> np.ndarray:
+    g = gram_matrix(pretrained, finetuned)
+    norms = np.sqrt(np.clip(np.diag(g), 1e-300, None))
+    return g / np.outer(norms, norms)
+
+
+@torch.no_grad()
+def _predictions(exp, encoder, task: str, split: str) -> torch.Tensor:
+    from torch.utils.data import DataLoader
+
+    from fusion_bench.models.clip import ImageClassifier
+
+    clf = ImageClassifier(encoder, exp.head(task)).eval()
+    loader = DataLoader(exp.tasks[task].split(split), batch_size=exp.cfg.model.eval_batch_size)
+    return torch.cat([clf(x).argmax(-1) for x, _ in loader])
+
+
+def _combine(pretrained, finetuned, coefs) -> dict[str, torch.Tensor]:
+    return {k: (v + sum(c * (ft[k] - v) for c, ft in zip(coefs, finetuned)) if v.is_floating_point() else v)
+            for k, v in pretrained.items()}
+
+
+def disentanglement_error(exp, task_pair: Sequence[str], grid: Sequence[float], split: str = "test") -> np.ndarray:
+    """xi[i, j] = sum_t P_x[f_t(x; theta0 + a_t tau_t) != f_t(x; theta0 + a1 tau1 + a2 tau2)], (a1, a2) = grid[i], grid[j]."""
+    t1, t2 = task_pair
+    pre = exp.pretrained_state
+    fts = [exp.finetuned_state(t1), exp.finetuned_state(t2)]
+    single = {
+        (t, a): _predictions(exp, exp.model_with(_combine(pre, [fts[i]], [a])), t, split)
+        for i, t in enumerate(task_pair) for a in grid
+    }
+    xi = np.zeros((len(grid), len(grid)))
+    for (i, a1), (j, a2) in track(list(itertools.product(enumerate(grid), enumerate(grid))),
+                                  description="disentanglement grid"):
+        enc = exp.model_with(_combine(pre, fts, [a1, a2]))
+        for t, a in ((t1, a1), (t2, a2)):
+            xi[i, j] += (_predictions(exp, enc, t, split) != single[(t, a)]).float().mean().item()
+    return xi
+
+
+def normalized_vs_num_tasks(exp, scaling_coef: float, max_subsets: int, seed: int = 0) -> dict[int, float]:
+    """Mean over task subsets of size k (2..n) of the average normalized test accuracy of the merged model."""
+    tasks = list(exp.tasks)
+    ref = {t: exp.reference_accuracies(t) for t in tasks}
+    states = {t: exp.finetuned_state(t) for t in tasks}
+    rng = random.Random(seed)
+    out = {}
+    for k in range(2, len(tasks) + 1):
+        subsets = list(itertools.combinations(tasks, k))
+        subsets = rng.sample(subsets, min(max_subsets, len(subsets)))
+        scores = []
+        for subset in subsets:
+            merged = exp.merge([states[t] for t in subset], scaling_coef)
+            enc = exp.model_with(merged)
+            scores.append(np.mean([exp.acc(enc, t, "test") / ref[t]["finetuned_test"] for t in subset]))
+        out[k] = float(np.mean(scores))
+        log.info("%d tasks: normalized accuracy %.4f over %d subsets", k, out[k], len(subsets))
+    return out
+
+
+def run_analysis(exp, analysis_cfg, run_dir: Path, method_name: str) -> dict:
+    run_dir = Path(run_dir)
+    kind, mode = analysis_cfg.kind, exp.cfg.finetune.mode
+    tasks = list(exp.cfg.taskpool.tasks)
+    if kind == "cosine":
+        cos = cosine_matrix(exp.pretrained_state, [exp.finetuned_state(t) for t in tasks])
+        result = {"tasks": tasks, "cosine": cos.tolist()}
+        plots.heatmap(cos, tasks, f"task-vector cosine similarity (finetune={mode})", run_dir / "cosine.png",
+                      vmin=-0.1, vmax=1.0)
+    elif kind == "disentanglement":
+        pair = list(analysis_cfg.tasks or tasks[:2])
+        grid = [round(float(a), 4) for a in np.linspace(-2, 2, int(analysis_cfg.grid_points))]
+        xi = disentanglement_error(exp, pair, grid, analysis_cfg.split)
+        result = {"tasks": pair, "grid": grid, "xi": xi.tolist()}
+        plots.grid_heatmap(xi, grid, grid, f"weight disentanglement error (finetune={mode})",
+                           run_dir / "disentanglement.png", f"alpha ({pair[0]})", f"alpha ({pair[1]})")
+    elif kind == "num_tasks":
+        curve = normalized_vs_num_tasks(exp, float(analysis_cfg.scaling_coef), int(analysis_cfg.max_subsets))
+        result = {"num_tasks": list(curve), "normalized": list(curve.values()), "scaling_coef": analysis_cfg.scaling_coef}
+        plots.curves(list(curve), {f"{method_name} ({mode})": list(curve.values())},
+                     "normalized accuracy vs number of merged tasks", "tasks merged", "normalized accuracy",
+                     run_dir / "num_tasks.png")
+    else:
+        raise ValueError(f"unknown analysis.kind={kind!r}; expected cosine, disentanglement or num_tasks")
+    result.update(kind=kind, model=exp.cfg.model.name, finetune=mode, method=method_name)
+    atomic_write_text(run_dir / f"{kind}.json", json.dumps(result, indent=1))
+    return result

@@ -1,0 +1,96 @@
+"""Gather the report.json files of a multirun (or any folder) into one table and plots.
+
+    python -m fusion_bench.reporting.summary outputs/multirun/2026-11-23/12-00-00-000000
+
+Also a Hydra callback (`+callbacks=summary`) that does the same when a multirun ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+
+from fusion_bench.reporting import plots
+from fusion_bench.store import atomic_write_text
+
+log = logging.getLogger(__name__)
+FIELDS = ("model", "finetune", "method", "taskpool", "scaling_coef", "zeroshot", "finetuned", "merged", "normalized")
+
+
+def load_reports(root: Path) -> list[dict]:
+    reports = []
+    for path in sorted(Path(root).rglob("report*.json")):
+        rep = json.loads(path.read_text())
+        rep["_path"] = str(path.relative_to(root))
+        reports.append(rep)
+    return reports
+
+
+def rows(reports: list[dict]) -> list[dict]:
+    out = []
+    for r in reports:
+        row = {k: r.get(k) for k in FIELDS[:5]}
+        row["scaling_coef"] = json.dumps(r.get("scaling_coef"))
+        row.update({k: round(r["average"][k], 4) for k in FIELDS[5:]})
+        row.update({f"merged/{t}": round(v["merged"], 4) for t, v in r["tasks"].items()})
+        row["run"] = r["_path"]
+        out.append(row)
+    return out
+
+
+def summarize(root: str | Path) -> Path | None:
+    root = Path(root)
+    reports = load_reports(root)
+    if not reports:
+        log.warning("no report.json under %s", root)
+        return None
+    table = rows(reports)
+    columns = list(dict.fromkeys(k for row in table for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(table)
+    atomic_write_text(root / "summary.csv", buf.getvalue())
+    md = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    md += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in table]
+    atomic_write_text(root / "summary.md", "\n".join(md) + "\n")
+
+    groups = defaultdict(list)  # accuracy against the coefficient, one plot per (model, finetune, method)
+    for r in reports:
+        if isinstance(r.get("scaling_coef"), (int, float)):
+            groups[(r["model"], r["finetune"], r["method"])].append(r)
+    for (model, mode, method), reps in groups.items():
+        if len(reps) < 2:
+            continue
+        reps.sort(key=lambda r: r["scaling_coef"])
+        xs = [r["scaling_coef"] for r in reps]
+        series = {t: [r["tasks"][t]["merged"] for r in reps] for t in reps[0]["tasks"]}
+        series["average"] = [r["average"]["merged"] for r in reps]
+        plots.curves(xs, series, f"{method} | {model} | finetune={mode}", "scaling coefficient", "test accuracy",
+                     root / f"accuracy_vs_coef_{model}_{mode}_{method}.png")
+    log.info("summary of %d runs written to %s", len(table), root / "summary.md")
+    return root / "summary.md"
+
+
+class SummaryCallback(Callback):
+    def on_multirun_end(self, config, **kwargs) -> None:
+        summarize(config.hydra.sweep.dir)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("root")
+    out = summarize(p.parse_args().root)
+    if out:
+        print(out.read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Lightning DDP on two CPU processes (gloo): evaluation counts every sample once, fine-tuning matches one
+process, and a Hydra multirun is not re-expanded in child ranks."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from torch.utils.data import Subset
+
+from fusion_bench.evaluation.accuracy import accuracy
+from fusion_bench.evaluation.distributed import distributed_accuracy
+from fusion_bench.models.clip import ImageClassifier
+from fusion_bench.pipeline import Experiment
+
+ROOT = Path(__file__).resolve().parent.parent
+DDP = OmegaConf.create({"_target_": "lightning.Trainer", "accelerator": "cpu", "devices": 2, "strategy": "ddp_spawn",
+                        "precision": "32-true"})
+
+
+def test_ddp_evaluation_counts_every_sample_once(make_cfg):
+    exp = Experiment(make_cfg("taskpool.tasks=[shapes]"))
+    data = Subset(exp.tasks["shapes"].split("test"), range(333))  # odd: a padding sampler would repeat one
+    clf = ImageClassifier(exp.clip.visual, exp.head("shapes"))
+    single = accuracy(clf, data, 6, batch_size=50)
+    by_hand = sum(int(clf(x[None]).argmax() == y) for x, y in data) / 333
+    assert single == pytest.approx(by_hand, abs=1e-7)
+    ddp = distributed_accuracy(clf, data, 6, batch_size=50, trainer_cfg=DDP)
+    assert ddp == single  # exactly: 333 samples, each counted once
+
+
+@pytest.mark.slow
+def test_ddp_finetune_matches_single_process(make_cfg, tmp_path):
+    fast = ["taskpool.tasks=[colors]", "model.train.steps=30", "model.train.warmup_steps=3",
+            "model.train.batch_size=32", "stage=finetune"]
+    single = Experiment(make_cfg(*fast))
+    ddp = Experiment(make_cfg(*fast, "trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true",
+                              "paths.store=" + str(tmp_path / "ddp_store")))
+    accs = []
+    for exp in (single, ddp):
+        exp.ensure_finetuned("colors")
+        accs.append(exp.reference_accuracies("colors"))
+    zs = accs[0]["zeroshot_test"]
+    assert accs[0]["zeroshot_test"] == accs[1]["zeroshot_test"]  # DDP evaluation of the same weights: identical
+    for a in accs:
+        assert a["finetuned_test"] > zs + 0.1
+    assert abs(accs[0]["finetuned_test"] - accs[1]["finetuned_test"]) < 0.05
+
+
+@pytest.mark.slow
+def test_ddp_inside_hydra_multirun_is_not_reexpanded(tmp_path):
+    cmd = [sys.executable, "run.py", "-m", "stage=finetune", "seed=0,1", "trainer=ddp", "trainer.accelerator=cpu",
+           "trainer.precision=32-true", "taskpool.tasks=[colors]", "model.train.steps=2",
+           "model.train.warmup_steps=1", "model.train.batch_size=8", f"paths.root={tmp_path}",
+           "hydra/launcher=basic"]
+    subprocess.run(cmd, cwd=ROOT, check=True, timeout=600)
+    ckpts = sorted(p.name.split("-")[0] for p in (tmp_path / "store").rglob("*.safetensors"))
+    assert ckpts == ["seed0", "seed1"]
+    sweeps = list((tmp_path / "multirun").glob("*/*"))
+    assert len(sweeps) == 1, sweeps  # a re-expanded sweep in a child rank would make a second sweep dir
+    assert sorted(p.name for p in sweeps[0].iterdir() if p.is_dir()) == ["0", "1"]

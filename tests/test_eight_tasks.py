@@ -1,0 +1,165 @@
+"""taskpool=eight_tasks: each loader reads a tiny fixture written in its real on-disk format."""
+
+import pickle
+import re
+
+import numpy as np
+import pytest
+import torch
+from fixtures import eight_tasks_data as fx
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from torch.utils.data import DataLoader
+
+from fusion_bench.data import eight_tasks
+from fusion_bench.data.eight_tasks import DatasetNotFoundError, carve_val, find_layout
+from fusion_bench.data.tasks import known_tasks, load_task
+
+MEAN, STD = OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+NUM_CLASSES = {"sun397": 397, "cars": 196, "resisc45": 45, "eurosat": 10, "svhn": 10, "gtsrb": 43, "mnist": 10,
+               "dtd": 47}
+
+
+def _write(name, data_root):
+    """Write task `name` in its native layout; returns (official train size, test size, labels expected)."""
+    if name == "mnist":
+        return (*fx.write_mnist(data_root / "mnist"), set(range(10)))
+    if name == "svhn":
+        return (*fx.write_svhn(data_root / "svhn"), set(range(10)))
+    if name == "gtsrb":
+        return (*fx.write_gtsrb(data_root), {0, 5, 42})
+    if name == "dtd":
+        return (*fx.write_dtd(data_root), {0, 30, 46})  # banded, polka-dotted, zigzagged
+    if name == "eurosat":
+        return (*fx.write_eurosat(data_root), {0, 1, 9})  # AnnualCrop, Forest, SeaLake
+    if name == "cars":
+        return (*fx.write_cars(data_root / "cars"), {0, 1, 195})
+    if name == "sun397":
+        return (*fx.write_sun397(data_root / "sun397"), {0, 8, 396})  # abbey, apartment building outdoor, youth hostel
+    if name == "resisc45":
+        return (*fx.write_resisc45(data_root / "resisc45"), {0, 35, 44})  # airplane, sea ice, wetland
+    raise KeyError(name)
+
+
+@pytest.fixture
+def pool(make_cfg, tmp_path):
+    def _pool(*tasks):
+        cfg = make_cfg("taskpool=eight_tasks", f"paths.data_root={tmp_path / 'data_root'}",
+                       f"taskpool.tasks=[{','.join(tasks)}]")
+        return cfg
+
+    return _pool
+
+
+@pytest.mark.parametrize("name", list(NUM_CLASSES))
+def test_loader_reads_native_layout(name, pool, tmp_path):
+    cfg = pool(name)
+    data_root = tmp_path / "data_root"
+    n_train, n_test, labels = _write(name, data_root)
+    task = load_task(cfg.taskpool, name, MEAN, STD, cfg.paths.data, image_size=224)
+    assert task.num_classes == NUM_CLASSES[name] == len(task.classnames)
+    assert all(t.count("{}") == 1 for t in task.templates)
+
+    train, val, test = task.split("train"), task.split("val"), task.split("test")
+    n_val = min(int(0.1 * n_train), 5000)
+    assert (len(train), len(val), len(test)) == (n_train - n_val, n_val, n_test)
+    assert not set(train.indices) & set(val.indices)
+    assert set(train.labels) | set(val.labels) == labels
+    assert set(test.labels) <= labels and len(set(test.labels)) > 1
+    for split in (train, val, test):
+        x, y = split[0]
+        assert x.shape == (3, 224, 224) and x.dtype == torch.float32 and isinstance(y, int)
+    # the same bytes twice: val carving is deterministic
+    again = load_task(cfg.taskpool, name, MEAN, STD, cfg.paths.data)
+    assert np.array_equal(again.split("val").indices, val.indices)
+
+
+def test_labels_follow_the_files(pool, tmp_path):
+    """SVHN's '10' is the digit 0; MNIST labels are the idx labels; images normalised with the model's mean / std."""
+    cfg = pool("svhn", "mnist")
+    data_root = tmp_path / "data_root"
+    fx.write_svhn(data_root / "svhn")
+    fx.write_mnist(data_root / "mnist")
+    svhn = load_task(cfg.taskpool, "svhn", MEAN, STD, cfg.paths.data).split("test")
+    assert list(svhn.labels) == [(i % 10 + 1) % 10 for i in range(10)]
+    mnist = load_task(cfg.taskpool, "mnist", MEAN, STD, cfg.paths.data).split("test")
+    assert list(mnist.labels) == list(range(10))
+    x, _ = mnist[0]
+    assert -2.5 < float(x.min()) < 0 < float(x.max()) < 2.5  # normalised, not 0..1 or 0..255
+
+
+def test_eval_transform_is_deterministic_and_train_augments(pool, tmp_path):
+    cfg = pool("gtsrb")
+    fx.write_gtsrb(tmp_path / "data_root")
+    task = load_task(cfg.taskpool, "gtsrb", MEAN, STD, cfg.paths.data, image_size=224)
+    test = task.split("test")
+    assert torch.equal(test[0][0], test[0][0])
+    torch.manual_seed(0)
+    train = task.split("train")
+    assert not torch.equal(train[0][0], train[0][0])  # open_clip's RandomResizedCrop
+    batch_x, batch_y = next(iter(DataLoader(test, batch_size=4)))
+    assert batch_x.shape == (4, 3, 224, 224) and batch_y.dtype == torch.int64
+    pickle.loads(pickle.dumps(train))  # DataLoader workers need picklable data sets
+
+
+def test_val_carving_matches_random_split():
+    """val = the task-vectors split: random_split(train, [n - n_val, n_val], Generator().manual_seed(0))."""
+    for n, n_val in ((1000, 100), (73257, 5000), (19, 1)):
+        train, val = carve_val(n)
+        ref_train, ref_val = torch.utils.data.random_split(range(n), [n - n_val, n_val],
+                                                           generator=torch.Generator().manual_seed(0))
+        assert (train, val) == (list(ref_train.indices), list(ref_val.indices))
+
+
+def test_image_folder_layout_and_data_root_as_torchvision_root(pool, tmp_path):
+    data_root = tmp_path / "data_root"
+    fx.write_image_folder(data_root / "resisc45", ["airplane", "sea_ice", "thermal_power_station"])
+    fx.write_mnist(data_root)  # torchvision MNIST(root=<data_root>): <data_root>/MNIST/raw
+    cfg = pool("resisc45", "mnist")
+    resisc = load_task(cfg.taskpool, "resisc45", MEAN, STD, cfg.paths.data)
+    assert set(resisc.split("test").labels) == {0, 35, 43}
+    assert find_layout("mnist", data_root)[1] == data_root
+    assert len(load_task(cfg.taskpool, "mnist", MEAN, STD, cfg.paths.data).split("test")) == 10
+
+
+def test_missing_data_set_names_folder_and_layout(pool, tmp_path):
+    cfg = pool("mnist")
+    with pytest.raises(DatasetNotFoundError) as e:
+        load_task(cfg.taskpool, "mnist", MEAN, STD, cfg.paths.data)
+    msg = str(e.value)
+    assert str(tmp_path / "data_root" / "mnist") in msg
+    assert "MNIST/raw" in msg
+    assert "paths.data_root" in msg and "{train,test}" in msg
+
+
+def test_sun397_without_partitions_is_explained(tmp_path):
+    root = tmp_path / "sun397"
+    fx.write_sun397(root)
+    for f in (root / "SUN397" / "Partitions").iterdir():
+        f.unlink()
+    layout, where = find_layout("sun397", tmp_path)
+    loader = eight_tasks.SplitLoader(eight_tasks.TASKS["sun397"], layout, where, 224, MEAN, STD)
+    with pytest.raises(DatasetNotFoundError, match="Training_01.txt"):
+        loader("train")
+
+
+def test_taskpool_config_and_subset(pool, make_cfg):
+    cfg = make_cfg("taskpool=eight_tasks")
+    assert cfg.taskpool.source == "eight_tasks"
+    assert list(cfg.taskpool.tasks) == ["sun397", "cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
+    assert known_tasks(cfg.taskpool) == list(cfg.taskpool.tasks)
+    sub = pool("mnist", "svhn")
+    assert list(sub.taskpool.tasks) == ["mnist", "svhn"]
+    assert sub.taskpool.data_root.endswith("data_root")
+
+
+def test_class_names_are_clean_data():
+    for name, task in eight_tasks.TASKS.items():
+        assert len(task.classnames) == NUM_CLASSES[name]
+        normed = [re.sub(r"[^0-9a-z]", "", c.lower()) for c in task.classnames]
+        assert len(set(normed)) == len(normed), name
+        for t in task.templates:
+            assert isinstance(t, str) and t.format("x").count("x") >= 1
+    # label alignment spot checks
+    assert eight_tasks.class_index(eight_tasks.TASKS["sun397"], "apartment_building/outdoor") == 8
+    assert eight_tasks.class_index(eight_tasks.TASKS["eurosat"], "SeaLake") == 9
+    assert eight_tasks.class_index(eight_tasks.TASKS["gtsrb"], "00042") == 42
