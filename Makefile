@@ -1,6 +1,6 @@
 PY ?= python
 
-.PHONY: setup test test-fast run tiny-pretrain bench-merge lint
+.PHONY: setup test test-fast run tiny-pretrain bench-merge bench-tiny bench-vit-b32 bench-vit-l14 bench-flan-t5 lint
 
 setup:          ## install fusion_bench and everything it needs (torch 2.14.1 CPU/CUDA wheel from the pin)
 	$(PY) -m pip install -e '.[dev]'
@@ -20,6 +20,23 @@ tiny-pretrain:  ## re-create fusion_bench/assets/tiny_clip.safetensors (determin
 bench-merge:    ## merge time and peak memory, eight ViT-B/32- and ViT-L/14-sized task vectors
 	$(PY) benchmarks/bench_merge.py --arch vit_b32
 	$(PY) benchmarks/bench_merge.py --arch vit_l14
+
+MODES ?= standard,linear,attention,linear_layers,lora,l_lora
+METHODS ?= task_arithmetic,ties,dare,dare_ties,awd_ta,awd_ties
+SWEEP = -m finetune=$(MODES) method=$(METHODS) method.scaling_coef=search
+
+bench-tiny:     ## every mode x every method on tiny_eight (CPU), one combined summary in the sweep dir
+	$(PY) run.py $(SWEEP)
+
+bench-vit-b32:  ## the papers' protocol on ViT-B/32 (needs weights in paths.cache_dir and data in paths.data_root)
+	$(PY) run.py $(SWEEP) model=vit_b32 taskpool=eight_tasks trainer=gpu
+
+bench-vit-l14:
+	$(PY) run.py $(SWEEP) model=vit_l14 taskpool=eight_tasks trainer=gpu model.train.batch_size=64
+
+bench-flan-t5:  ## Flan-T5-base on GLUE: standard, LoRA and L-LoRA fine-tunes
+	$(PY) run.py -m model=flan_t5_base taskpool=glue finetune=standard,lora,l_lora method=$(METHODS) \
+	    method.scaling_coef=search trainer=gpu
 
 lint:
 	ruff check fusion_bench tests run.py

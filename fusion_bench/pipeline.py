@@ -108,7 +108,7 @@ class Experiment:
     def checkpoint(self, task: str) -> Path:
         c = self.cfg
         hp = {"train": OmegaConf.to_container(c.model.train), "finetune": OmegaConf.to_container(c.finetune),
-              "pool": c.taskpool.name, "weights": str(c.model.get("pretrained"))}
+              "pool": f"{c.taskpool.name}-v{c.taskpool.get('version')}", "weights": str(c.model.get("pretrained"))}
         return self.store.path(c.model.name, c.finetune.mode, task, c.seed, hp)
 
     def model_with(self, merged: dict[str, torch.Tensor], linearized: bool = False) -> nn.Module:
@@ -178,6 +178,9 @@ def _normalized_mean(acc: dict[str, float], ref: dict[str, dict], split: str) ->
 
 
 def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
+    if cfg.model.get("family") == "t5":
+        from fusion_bench.t5.pipeline import run_t5
+        return run_t5(cfg, run_dir, method_name)
     validate(cfg)
     torch.set_num_threads(int(cfg.num_threads))
     exp = Experiment(cfg)

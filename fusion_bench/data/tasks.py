@@ -57,7 +57,7 @@ def load_task(taskpool: DictConfig, name: str, mean, std, data_dir: str | Path, 
         spec = tiny_eight.TASKS[name]
 
         def load(split: str) -> Dataset:
-            images, labels = _cached_split(Path(data_dir) / "tiny_eight", name, split)
+            images, labels = _cached_split(Path(data_dir) / f"tiny_eight-v{taskpool.version}", name, split)
             return TensorDataset(tiny_eight.to_tensor(images, mean, std), torch.from_numpy(labels))
 
         return Task(name, list(spec.classnames), list(spec.templates), load)

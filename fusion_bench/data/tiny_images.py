@@ -188,11 +188,8 @@ def sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 def draw_digit(rng, glyph: np.ndarray) -> np.ndarray:
-    """Upsample an 8x8 sklearn digit x3 and paste it, coloured, at a random offset."""
-    a = np.kron(glyph, np.ones((3, 3), np.float32))
-    ox, oy = rng.integers(0, SIZE - 24 + 1, 2)
-    alpha = np.zeros((SIZE, SIZE, 1), np.float32)
-    alpha[oy : oy + 24, ox : ox + 24, 0] = a
+    """Upsample an 8x8 sklearn digit x4 to the whole 32x32 canvas, in a random colour on a random background."""
+    alpha = np.kron(glyph, np.ones((4, 4), np.float32))[..., None]
     img = _background(rng) * (1 - alpha) + _random_color(rng) * alpha
     return _finish(rng, img)
 

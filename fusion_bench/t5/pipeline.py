@@ -1,0 +1,222 @@
+"""The T5 / Flan-T5 on GLUE loop: finetune -> merge -> evaluate -> report, as fusion_bench.pipeline.run does for CLIP.
+
+`run_t5` has the CLIP run's stages (`stage=finetune|merge|evaluate|all`), store and report schema; only the model
+(a text-to-text T5 behind `T5Logits`), the tasks (fusion_bench.t5.glue) and the metric (generated text vs target:
+exact match, Spearman for STS-B) differ. `T5Experiment` subclasses the CLIP `Experiment` and inherits its store,
+merging method and merged evaluation; the fine-tuning modes (fusion_bench.t5.modes) act on T5Logits:
+
+| finetune | trains (store keys)                                  | task vectors over                       |
+|----------|------------------------------------------------------|-----------------------------------------|
+| standard | every T5 parameter (Hugging Face names)              | the same                                |
+| lora     | peft LoRA A, B (r=16, alpha=32) on attention q and v | delta_w: W0 + (alpha/r) B A of q and v (`finetune.task_vector=adapters`: A, B) |
+| l_lora   | the same adapters, trained linearized around phi_0   | the adapters; evaluated folded into W (or linearized with method=partial_linearization) |
+
+LoRA targets `model.lora_target` (every SelfAttention / EncDecAttention q and v) unless finetune.target_modules is set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from fusion_bench.finetune.train import cleanup
+from fusion_bench.pipeline import SEARCH_GRID, Experiment, MissingFinetuneError, _normalized_mean
+from fusion_bench.reporting.report import write_report
+from fusion_bench.store import atomic_save_safetensors, atomic_write_text, config_hash
+from fusion_bench.t5 import glue
+from fusion_bench.t5.model import T5Logits, generate_texts, load_t5
+from fusion_bench.t5.modes import MODES, build_mode_model, eval_model, to_merge_space, trainable_state
+from fusion_bench.t5.train import Seq2SeqCollator, finetune_t5
+
+log = logging.getLogger(__name__)
+
+T5_STAGES = ("finetune", "merge", "evaluate", "all")
+
+
+def validate_t5(cfg: DictConfig) -> None:
+    if cfg.stage not in T5_STAGES:
+        raise ValueError(f"stage={cfg.stage!r}: expected one of {T5_STAGES} for T5 models (no analyze stage)")
+    if cfg.taskpool.get("source") != "glue":
+        raise ValueError(f"model={cfg.model.name} is a T5 model: use taskpool=glue (got taskpool={cfg.taskpool.name})")
+    tasks = list(cfg.taskpool.tasks)
+    unknown = [t for t in tasks if t not in glue.TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown} in taskpool.tasks; glue has {sorted(glue.TASKS)}")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"taskpool.tasks has duplicates: {tasks}")
+    if cfg.finetune.mode not in MODES:
+        raise ValueError(f"finetune={cfg.finetune.mode} is not available for T5; use one of {MODES}")
+    coef = cfg.method.get("scaling_coef")
+    if coef is not None and not isinstance(coef, (int, float)) and coef != "search" and len(coef) != len(tasks):
+        raise ValueError(f"method.scaling_coef has {len(coef)} values for {len(tasks)} tasks")
+    k = cfg.method.get("k")
+    if k is not None and not 0 < float(k) <= 1:
+        raise ValueError(f"method.k={k} must be in (0, 1]")
+
+
+class T5Experiment(Experiment):
+    """The CLIP Experiment's interface over a T5: checkpoints, fine-tunes, merge-space states and accuracies."""
+
+    @cached_property
+    def _loaded(self):
+        return load_t5(self.cfg.model)
+
+    @cached_property
+    def backbone(self) -> T5Logits:
+        return T5Logits(self._loaded[0]).requires_grad_(False).eval()
+
+    @cached_property
+    def tokenizer(self):
+        return self._loaded[1]
+
+    @cached_property
+    def tasks(self) -> dict[str, glue.GlueTask]:
+        return {t: glue.load_glue_task(self.cfg.taskpool, t) for t in self.cfg.taskpool.tasks}
+
+    @cached_property
+    def mode_cfg(self) -> DictConfig:
+        """cfg.finetune with the T5 LoRA target filled in."""
+        ft = OmegaConf.to_container(self.cfg.finetune, resolve=True)
+        if ft["mode"] in ("lora", "l_lora") and not ft.get("target_modules"):
+            ft["target_modules"] = str(self.cfg.model.lora_target)
+        return OmegaConf.create(ft)
+
+    @cached_property
+    def device(self) -> torch.device:
+        gpu = torch.cuda.is_available() and self.cfg.trainer.get("accelerator") in ("gpu", "cuda", "auto")
+        return torch.device("cuda" if gpu else "cpu")
+
+    @cached_property
+    def base(self) -> nn.Module:
+        return build_mode_model(self.mode_cfg, self.backbone)
+
+    @cached_property
+    def pretrained_state(self) -> dict[str, torch.Tensor]:
+        return to_merge_space(self.mode_cfg, self.backbone, trainable_state(self.base))
+
+    def _eval_settings(self) -> dict:
+        m = self.cfg.model
+        return {"max_source_length": m.max_source_length, "max_target_length": m.max_target_length}
+
+    def checkpoint(self, task: str) -> Path:
+        c = self.cfg
+        hp = {"train": OmegaConf.to_container(c.model.train), "finetune": OmegaConf.to_container(self.mode_cfg),
+              "pool": c.taskpool.name, "weights": str(c.model.get("pretrained") or c.model.get("hf_id")),
+              "template": glue.TASKS[task].template, **self._eval_settings()}
+        return self.store.path(c.model.name, c.finetune.mode, task, c.seed, hp)
+
+    def model_with(self, merged: dict[str, torch.Tensor], linearized: bool = False) -> nn.Module:
+        return eval_model(self.mode_cfg, self.backbone, merged, linearized)
+
+    def acc(self, model: nn.Module, task: str, split: str) -> float:
+        """Exact match (Spearman for STS-B) of greedy generations on the task's split."""
+        m, t = self.cfg.model, self.tasks[task]
+        preds = generate_texts(model, self.tokenizer, [e.source for e in t.split(split)], m.eval_batch_size,
+                               m.max_source_length, m.max_new_tokens, self.device)
+        model.to("cpu")
+        return t.score(preds, split)
+
+    def collator(self) -> Seq2SeqCollator:
+        c, m = self.backbone.t5.config, self.cfg.model
+        return Seq2SeqCollator(self.tokenizer, m.max_source_length, m.max_target_length,
+                               c.decoder_start_token_id, c.pad_token_id)
+
+    # ---- finetune stage -------------------------------------------------------------------------------------
+    def ensure_finetuned(self, task: str) -> Path:
+        path = self.checkpoint(task)
+        if path.is_file():
+            log.info("reusing fine-tune %s", path)
+            return path
+        module = build_mode_model(self.mode_cfg, self.backbone)
+        work_dir = path.with_suffix(".partial")
+        sec = finetune_t5(module, self.collator(), self.tasks[task].split("train"), self.cfg.model.train,
+                          self.cfg.trainer, self.cfg.seed, work_dir)
+        meta = {"task": task, "mode": self.cfg.finetune.mode, "model": self.cfg.model.name,
+                "seed": self.cfg.seed, "seconds_per_step": round(sec, 4)}
+        self.store.save(path, trainable_state(module.cpu()), meta)
+        cleanup(work_dir)
+        log.info("fine-tuned %s in %.3f s/step -> %s", task, sec, path)
+        return path
+
+    def finetuned_state(self, task: str) -> dict[str, torch.Tensor]:
+        path = self.checkpoint(task)
+        if not path.is_file():
+            c = self.cfg
+            raise MissingFinetuneError(
+                f"missing fine-tune for task {task!r} (mode {c.finetune.mode}, seed {c.seed}): {path}\n"
+                f"make it with: python run.py stage=finetune model={c.model.name} taskpool={c.taskpool.name} "
+                f"taskpool.tasks=[{task}] finetune={c.finetune.mode} seed={c.seed}")
+        stored = self.store.load(path, expected=trainable_state(self.base))
+        return to_merge_space(self.mode_cfg, self.backbone, stored)
+
+    def reference_accuracies(self, task: str) -> dict[str, float]:
+        """Zero-shot and individual fine-tuned scores (val and test), cached next to the checkpoint."""
+        key = config_hash({"taskpool": OmegaConf.to_container(self.cfg.taskpool, resolve=True),
+                           "max_new_tokens": self.cfg.model.max_new_tokens, **self._eval_settings()})
+        path = self.checkpoint(task).with_suffix(f".eval-{key}.json")
+        if path.is_file():
+            return json.loads(path.read_text())
+        ft = self.model_with(self.finetuned_state(task))
+        res = {f"{name}_{split}": self.acc(model, task, split)
+               for name, model in (("zeroshot", self.backbone), ("finetuned", ft)) for split in ("val", "test")}
+        atomic_write_text(path, json.dumps(res))
+        return res
+
+
+def run_t5(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
+    validate_t5(cfg)
+    torch.set_num_threads(int(cfg.num_threads))
+    exp = T5Experiment(cfg)
+    tasks = list(cfg.taskpool.tasks)
+    t0 = time.perf_counter()
+    if cfg.stage in ("finetune", "all"):
+        for task in tasks:
+            exp.ensure_finetuned(task)
+        if cfg.stage == "finetune":
+            return None
+    finetuned = [exp.finetuned_state(t) for t in tasks]
+    coef = cfg.method.get("scaling_coef")
+    if coef is not None and not isinstance(coef, (int, float, str)):
+        coef = [float(c) for c in coef]
+    if coef == "search" and cfg.stage == "merge":
+        raise ValueError("method.scaling_coef=search needs evaluation: use stage=evaluate or stage=all")
+    ref = {t: exp.reference_accuracies(t) for t in tasks} if cfg.stage != "merge" else {}
+    search = None
+    if coef == "search":
+        search = {}
+        for c in SEARCH_GRID:
+            search[c] = _normalized_mean(exp.merged_accuracies(exp.merge(finetuned, c), "val"), ref, "val")
+            log.info("scaling_coef %.2f: val normalized score %.4f", c, search[c])
+        coef = max(search, key=search.get)
+    merged = exp.merge(finetuned, coef)
+    if cfg.stage == "merge":
+        out = atomic_save_safetensors(merged, run_dir / "merged.safetensors")
+        log.info("merged weights written to %s", out)
+        return None
+    test = exp.merged_accuracies(merged, "test")
+    per_task = {t: {"zeroshot": ref[t]["zeroshot_test"], "finetuned": ref[t]["finetuned_test"], "merged": test[t],
+                    "normalized": test[t] / max(ref[t]["finetuned_test"], 1e-12)} for t in tasks}
+    report = {
+        "model": cfg.model.name,
+        "finetune": cfg.finetune.mode,
+        "method": method_name,
+        "taskpool": cfg.taskpool.name,
+        "scaling_coef": coef,
+        "seed": cfg.seed,
+        "tasks": per_task,
+        "average": {k: sum(v[k] for v in per_task.values()) / len(per_task)
+                    for k in ("zeroshot", "finetuned", "merged", "normalized")},
+        "search": None if search is None else {"grid": list(search), "val_normalized": list(search.values())},
+        "metrics": {t: "spearman" if glue.TASKS[t].targets is None else "exact_match" for t in tasks},
+        "method_config": OmegaConf.to_container(cfg.method),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    write_report(report, run_dir)
+    return report

@@ -1,0 +1,105 @@
+"""Seq2seq fine-tuning of a T5 mode model (standard / lora / l_lora) with a Lightning Trainer from `cfg.trainer`.
+
+Same protocol as the CLIP fine-tunes (fusion_bench/finetune): AdamW over the trainable parameters, cosine schedule
+with linear warmup stepped per optimizer step, batches drawn by `StepBatchSampler` (the batch of step s is a
+function of (seed, s)), `last.ckpt` every `train.checkpoint_every` steps, and a rerun resumes from it to the same
+weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fusion_bench.finetune.module import cosine_with_warmup
+from fusion_bench.finetune.sampler import StepBatchSampler
+from fusion_bench.t5.glue import Example
+from fusion_bench.t5.model import decoder_inputs
+
+log = logging.getLogger(__name__)
+
+
+class Seq2SeqCollator:
+    """Examples -> padded input_ids / attention_mask, labels (padding = -100) and teacher-forcing decoder inputs."""
+
+    def __init__(self, tokenizer, max_source_length: int, max_target_length: int, start_id: int, pad_id: int):
+        self.tokenizer, self.max_source_length, self.max_target_length = tokenizer, max_source_length, max_target_length
+        self.start_id, self.pad_id = start_id, pad_id
+
+    def __call__(self, batch: list[Example]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer([e.source for e in batch], padding=True, truncation=True,
+                             max_length=self.max_source_length, return_tensors="pt")
+        tgt = self.tokenizer([e.target for e in batch], padding=True, truncation=True,
+                             max_length=self.max_target_length, return_tensors="pt")
+        labels = tgt.input_ids.masked_fill(tgt.attention_mask == 0, -100)
+        return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "labels": labels,
+                "decoder_input_ids": decoder_inputs(labels, self.start_id, self.pad_id)}
+
+
+class Seq2SeqFinetune(L.LightningModule):
+    def __init__(self, model: nn.Module, collate: Seq2SeqCollator, train_set: list[Example], lr: float,
+                 weight_decay: float, warmup_steps: int, max_steps: int, batch_size: int, seed: int = 0):
+        super().__init__()
+        self.model, self.collate, self.train_set = model, collate, train_set
+        self.lr, self.weight_decay, self.warmup_steps, self.max_steps = lr, weight_decay, warmup_steps, max_steps
+        self.batch_size, self.seed = batch_size, seed
+
+    def train_dataloader(self) -> DataLoader:
+        # called after a checkpoint is restored, so global_step is where a resumed run continues
+        sampler = StepBatchSampler(len(self.train_set), self.batch_size, self.seed, self.max_steps,
+                                   start_step=self.trainer.global_step)
+        return DataLoader(self.train_set, batch_sampler=sampler, collate_fn=self.collate)
+
+    def training_step(self, batch, batch_idx):
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            decoder_input_ids=batch["decoder_input_ids"])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(self.warmup_steps, self.max_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def finetune_t5(model: nn.Module, collate: Seq2SeqCollator, train_set: list[Example], train_cfg: DictConfig,
+                trainer_cfg: DictConfig, seed: int, work_dir: Path, callbacks: list[Callback] = ()) -> float:
+    """Train `model` in place; returns seconds per step. work_dir keeps logs and checkpoints/last.ckpt."""
+    L.seed_everything(seed, workers=True, verbose=False)
+    lm = Seq2SeqFinetune(model, collate, train_set, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
+                         warmup_steps=train_cfg.warmup_steps, max_steps=train_cfg.steps,
+                         batch_size=train_cfg.batch_size, seed=seed)
+    last = work_dir / "checkpoints" / "last.ckpt"
+    trainer: L.Trainer = instantiate(
+        trainer_cfg,
+        max_steps=train_cfg.steps,
+        default_root_dir=str(work_dir),
+        logger=[CSVLogger(str(work_dir), name="logs")],
+        callbacks=[ModelCheckpoint(dirpath=str(last.parent), every_n_train_steps=train_cfg.checkpoint_every,
+                                   save_last=True, save_top_k=0), RichProgressBar(leave=True), *callbacks],
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+        use_distributed_sampler=False,  # StepBatchSampler shards each global batch over the ranks itself
+    )
+    if train_cfg.batch_size % trainer.world_size:
+        raise ValueError(f"model.train.batch_size={train_cfg.batch_size} must divide over {trainer.world_size} ranks")
+    resume = str(last) if last.is_file() else None
+    if resume:
+        log.info("resuming from %s", resume)
+    t0 = time.perf_counter()
+    trainer.fit(lm, ckpt_path=resume)
+    return (time.perf_counter() - t0) / max(1, train_cfg.steps)
