@@ -1,12 +1,16 @@
 """fusion_bench entry point: `python run.py method=ties model=tiny_clip taskpool=tiny_eight finetune=standard`."""
 
+import os
 from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+# OpenMP threads that spin while waiting make torch many times slower on a busy 2-core machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from fusion_bench.pipeline import run
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from fusion_bench.pipeline import run  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

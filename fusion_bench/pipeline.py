@@ -99,6 +99,10 @@ class Experiment:
             raise ValueError(f"method needs fine-tunes of finetune={needs}, got finetune={self.cfg.finetune.mode}")
         return fn
 
+    @property
+    def evaluate_linearized(self) -> bool:
+        return getattr(getattr(self.method, "func", self.method), "evaluate_linearized", False)
+
     def head(self, task: str) -> torch.Tensor:
         if task not in self._heads:
             t = self.tasks[task]
@@ -153,10 +157,12 @@ class Experiment:
 
     def reference_accuracies(self, task: str) -> dict[str, float]:
         """Zero-shot and individual fine-tuned accuracy (val and test), cached next to the checkpoint."""
-        path = self.checkpoint(task).with_suffix(f".eval-{config_hash(dict(self.cfg.taskpool))}.json")
+        lin = self.evaluate_linearized  # normalized accuracy compares like with like
+        path = self.checkpoint(task).with_suffix(
+            f".eval-{config_hash(dict(self.cfg.taskpool))}{'-lin' if lin else ''}.json")
         if path.is_file():
             return json.loads(path.read_text())
-        ft = self.model_with(self.finetuned_state(task))
+        ft = self.model_with(self.finetuned_state(task), linearized=lin)
         res = {f"{name}_{split}": self.acc(enc, task, split)
                for name, enc in (("zeroshot", self.clip.visual), ("finetuned", ft)) for split in ("val", "test")}
         atomic_write_text(path, json.dumps(res))
@@ -168,8 +174,7 @@ class Experiment:
         return self.method(self.pretrained_state, finetuned, **kwargs)
 
     def merged_accuracies(self, merged: dict, split: str) -> dict[str, float]:
-        fn = getattr(self.method, "func", self.method)
-        enc = self.model_with(merged, linearized=getattr(fn, "evaluate_linearized", False))
+        enc = self.model_with(merged, linearized=self.evaluate_linearized)
         return {t: self.acc(enc, t, split) for t in self.tasks}
 
 

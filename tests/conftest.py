@@ -1,8 +1,12 @@
-from pathlib import Path
+import os
 
-import pytest
-import torch
-from hydra import compose, initialize_config_dir
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 

@@ -32,15 +32,15 @@ def test_ddp_evaluation_counts_every_sample_once(make_cfg):
 
 @pytest.mark.slow
 def test_ddp_finetune_matches_single_process(make_cfg, tmp_path):
-    fast = ["taskpool.tasks=[colors]", "model.train.steps=30", "model.train.warmup_steps=3",
+    fast = ["taskpool.tasks=[textures]", "model.train.steps=30", "model.train.warmup_steps=3",
             "model.train.batch_size=32", "stage=finetune"]
     single = Experiment(make_cfg(*fast))
     ddp = Experiment(make_cfg(*fast, "trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true",
                               "paths.store=" + str(tmp_path / "ddp_store")))
     accs = []
     for exp in (single, ddp):
-        exp.ensure_finetuned("colors")
-        accs.append(exp.reference_accuracies("colors"))
+        exp.ensure_finetuned("textures")
+        accs.append(exp.reference_accuracies("textures"))
     zs = accs[0]["zeroshot_test"]
     assert accs[0]["zeroshot_test"] == accs[1]["zeroshot_test"]  # DDP evaluation of the same weights: identical
     for a in accs:

@@ -7,7 +7,7 @@ import pytest
 from fusion_bench.pipeline import MissingFinetuneError, run
 from fusion_bench.store import CheckpointError
 
-FAST = ["taskpool.tasks=[digits,shapes]", "model.train.steps=15", "model.train.warmup_steps=3",
+FAST = ["taskpool.tasks=[digits,shapes]", "method.scaling_coef=0.3", "model.train.steps=15", "model.train.warmup_steps=3",
         "model.train.batch_size=32", "model.train.checkpoint_every=10"]
 
 

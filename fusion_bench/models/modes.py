@@ -1,27 +1,115 @@
 """Fine-tuning modes: which parameters of the image encoder train, and in which space task vectors live.
 
 A mode turns a pretrained encoder into a trainable module. The store keeps exactly the module's trainable
-parameters (by name), task vectors are differences of those, and a merged set of them is loaded back into a
-fresh module of the same mode for evaluation.
+parameters (by name), task vectors are differences of those (after `to_merge_space`), and a merged set of them
+is turned back into an encoder by `eval_model`.
+
+| mode            | trains (store keys)                                   | merge space                | evaluated as |
+|-----------------|-------------------------------------------------------|----------------------------|--------------|
+| standard        | every encoder parameter                               | = stored                   | plain encoder |
+| linear          | every parameter theta of f(x;th0) + J (theta - th0)   | = stored (encoder names)   | linearized encoder |
+| linear, posthoc | every encoder parameter, trained as `standard`        | = stored                   | linearized encoder |
+| attention       | per block attn.in_proj_weight, attn.out_proj.weight   | = stored                   | plain encoder |
+|                 | (+ in_proj_bias, out_proj.bias with train_bias)       |                            |              |
+| linear_layers   | + mlp.c_fc.weight, mlp.c_proj.weight (+ biases)       | = stored                   | plain encoder |
+| lora            | peft adapters A, B on every block's attention         | delta_w: the adapted full  | plain encoder |
+|                 |                                                       | weights W0 + s B A (plain  |              |
+|                 |                                                       | names, attention keys)     |              |
+|                 |                                                       | adapters: = stored         | LoRA model   |
+| l_lora          | adapters of the LoRA forward linearized in phi        | = stored (adapters)        | full weights W0 + s B A (default); linearized adapters with `linearized=True` |
+
+Modules are always fresh copies; the encoder passed in is never modified. LoRA models keep peft's parameter
+names (`...attn.lora_A.default.weight`, `...attn.base_layer.out_proj.lora_B.default.weight`) but run their own
+forward: see fusion_bench/models/lora.py for why (a peft 0.21 bug among other things).
 """
 
 from __future__ import annotations
 
 import copy
+import re
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from fusion_bench.models.linearize import LinearizedModel
+from fusion_bench.models.lora import LinearizedLoRA, LoRAEncoder, add_lora, merged_weights
 
+MODES = ("standard", "linear", "attention", "linear_layers", "lora", "l_lora")
+BLOCK = re.compile(r"(^|\.)resblocks\.\d+$")
+
+
+# ---- parameter selection ------------------------------------------------------------------------------------
+def _is_attention(m: nn.Module) -> bool:
+    """nn.MultiheadAttention or any attention holding a fused `in_proj_weight` and an `out_proj` Linear."""
+    return isinstance(getattr(m, "in_proj_weight", None), nn.Parameter) and isinstance(
+        getattr(m, "out_proj", None), nn.Linear)
+
+
+def block_weight_names(encoder: nn.Module, mlp: bool, bias: bool) -> list[str]:
+    """Parameter names inside the transformer blocks: attention in/out projections, and with `mlp` every other
+    Linear of the block (open_clip: mlp.c_fc, mlp.c_proj). Weights always, biases with `bias`."""
+    blocks = [(n, m) for n, m in encoder.named_modules() if BLOCK.search(n)]
+    if not blocks:
+        raise ValueError(f"{type(encoder).__name__} has no transformer blocks named '...resblocks.<i>': "
+                         "finetune=attention / linear_layers need an open_clip ViT")
+    names: list[str] = []
+    for bname, block in blocks:
+        attention = [mname for mname, m in block.named_modules() if _is_attention(m)]
+        for mname, m in block.named_modules():
+            prefix = f"{bname}.{mname}" if mname else bname
+            if mname in attention:
+                names += [f"{prefix}.in_proj_weight", f"{prefix}.out_proj.weight"]
+                if bias and m.in_proj_bias is not None:
+                    names.append(f"{prefix}.in_proj_bias")
+                if bias and m.out_proj.bias is not None:
+                    names.append(f"{prefix}.out_proj.bias")
+            elif mlp and isinstance(m, nn.Linear) and not any(mname.startswith(a + ".") for a in attention):
+                names.append(f"{prefix}.weight")
+                if bias and m.bias is not None:
+                    names.append(f"{prefix}.bias")
+    return names
+
+
+def _train_only(module: nn.Module, names: list[str]) -> nn.Module:
+    params = dict(module.named_parameters())
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise KeyError(f"parameters to train not found in {type(module).__name__}: {missing[:5]}")
+    module.requires_grad_(False)
+    for n in names:
+        params[n].requires_grad_(True)
+    return module
+
+
+def _check_mode(cfg: DictConfig) -> str:
+    mode = cfg.mode
+    if mode not in MODES:
+        raise ValueError(f"unknown fine-tuning mode finetune.mode={mode!r}; expected one of {MODES}")
+    if mode == "lora" and cfg.get("task_vector", "delta_w") not in ("delta_w", "adapters"):
+        raise ValueError(f"finetune.task_vector={cfg.task_vector!r}: expected delta_w or adapters")
+    return mode
+
+
+def _lora_delta_w(cfg: DictConfig) -> bool:
+    return cfg.mode == "lora" and cfg.get("task_vector", "delta_w") == "delta_w"
+
+
+# ---- the interface the pipeline uses ------------------------------------------------------------------------
 def build_mode_model(finetune_cfg: DictConfig, encoder: nn.Module) -> nn.Module:
-    """A fresh trainable copy of `encoder` for the mode named by finetune.mode."""
-    mode = finetune_cfg.mode
+    """A fresh trainable copy of `encoder` for the mode named by finetune.mode (trainable = requires_grad)."""
+    mode = _check_mode(finetune_cfg)
     module = copy.deepcopy(encoder).train()
-    if mode == "standard":
-        module.requires_grad_(True)
-        return module
-    raise ValueError(f"unknown fine-tuning mode finetune.mode={mode!r}")
+    if mode == "standard" or (mode == "linear" and finetune_cfg.get("posthoc", False)):
+        return module.requires_grad_(True)
+    if mode == "linear":
+        return LinearizedModel(module.requires_grad_(True)).train()
+    if mode in ("attention", "linear_layers"):
+        names = block_weight_names(module, mlp=mode == "linear_layers", bias=bool(finetune_cfg.get("train_bias")))
+        return _train_only(module, names)
+    if mode == "lora":
+        return LoRAEncoder(add_lora(module, finetune_cfg)).train()
+    return LinearizedLoRA(add_lora(module, finetune_cfg)).train()  # l_lora
 
 
 def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -35,15 +123,30 @@ def load_trainable(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Modu
     if set(state) != expected:
         raise KeyError(f"state does not match the mode's trainable parameters: missing "
                        f"{sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}")
+    return _copy_into(module, state)
+
+
+def _copy_into(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     with torch.no_grad():
         params = dict(module.named_parameters())
+        unknown = sorted(set(state) - set(params))
+        if unknown:
+            raise KeyError(f"{type(module).__name__} has no parameters {unknown[:5]}")
         for n, v in state.items():
             params[n].copy_(v.to(params[n].dtype))
     return module
 
 
 def to_merge_space(finetune_cfg: DictConfig, encoder: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The space task vectors live in, from a stored trainable state. Identity unless the mode says otherwise."""
+    """The space task vectors live in, from a stored trainable state.
+
+    Identity except `lora` with `task_vector: delta_w`, where the adapters are folded into the full weights they
+    adapt: {plain encoder name: W_0 + (alpha / r) B @ A} (the attention in_proj_weight / out_proj.weight of every
+    block, i.e. the keys `finetune=attention` trains), exactly what peft's merge_and_unload produces.
+    """
+    _check_mode(finetune_cfg)
+    if _lora_delta_w(finetune_cfg):
+        return merged_weights(build_mode_model(finetune_cfg, encoder), state)
     return state
 
 
@@ -51,8 +154,20 @@ def eval_model(finetune_cfg: DictConfig, encoder: nn.Module, merged: dict[str, t
                linearized: bool = False) -> nn.Module:
     """An encoder to evaluate with the given merge-space weights (a fine-tune, the pretrained point or a merge).
 
-    `linearized=True` is asked for by methods that evaluate through the linearized model (partial_linearization).
+    `linearized=True` is asked for by methods that evaluate through the linearized model
+    (method=partial_linearization): for l_lora the adapters are evaluated through the linearized LoRA forward.
     """
-    if linearized:
-        raise ValueError(f"finetune={finetune_cfg.mode} cannot be evaluated linearized; use finetune=l_lora")
-    return load_trainable(build_mode_model(finetune_cfg, encoder), merged).eval()
+    mode = _check_mode(finetune_cfg)
+    if linearized and mode not in ("l_lora", "linear"):
+        raise ValueError(f"finetune={mode} cannot be evaluated linearized (method needs linearized fine-tunes); "
+                         "use finetune=l_lora")
+    if mode == "linear":  # trained linearized or (posthoc) trained normally: evaluated linearized either way
+        plain = copy.deepcopy(encoder).requires_grad_(True)
+        module = load_trainable(LinearizedModel(plain), merged)
+    elif mode == "l_lora" and not linearized:
+        module = _copy_into(copy.deepcopy(encoder), merged_weights(build_mode_model(finetune_cfg, encoder), merged))
+    elif _lora_delta_w(finetune_cfg):
+        module = _copy_into(copy.deepcopy(encoder), merged)
+    else:
+        module = load_trainable(build_mode_model(finetune_cfg, encoder), merged)
+    return module.requires_grad_(False).eval()

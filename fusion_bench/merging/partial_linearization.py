@@ -1,0 +1,28 @@
+"""Partial linearization (Tang et al., 2024, L-LoRA): task arithmetic over LoRA adapters that were fine-tuned
+linearized (finetune=l_lora), with the merged adapters evaluated *through the linearized model*
+f(x; W0, phi0) + J_phi (phi_merged - phi0), where task vectors add exactly (the output is affine in phi).
+
+The merge itself is task arithmetic; the two attributes tell the pipeline which fine-tunes it needs
+(`requires_mode`) and how to evaluate the result (`evaluate_linearized`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from torch import Tensor
+
+
+def partial_linearization(
+    pretrained: Mapping[str, Tensor],
+    finetuned: Sequence[Mapping[str, Tensor]],
+    scaling_coef: float | Sequence[float] = 0.3,
+) -> dict[str, Tensor]:
+    """``phi_0 + sum_t lambda_t (phi_t - phi_0)`` over L-LoRA adapter parameters."""
+    from fusion_bench.merging.task_arithmetic import task_arithmetic
+
+    return task_arithmetic(pretrained, finetuned, scaling_coef=scaling_coef)
+
+
+partial_linearization.requires_mode = "l_lora"
+partial_linearization.evaluate_linearized = True
