@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import logging
@@ -23,7 +24,14 @@ from fusion_bench.finetune.train import cleanup, finetune
 from fusion_bench.models.clip import ImageClassifier, image_norm, load_clip, zero_shot_head
 from fusion_bench.models.modes import build_mode_model, eval_model, to_merge_space, trainable_state
 from fusion_bench.reporting.report import write_report
-from fusion_bench.store import CheckpointStore, atomic_save_safetensors, atomic_write_text, config_hash
+from fusion_bench.store import (
+    CheckpointError,
+    CheckpointStore,
+    atomic_save_safetensors,
+    atomic_write_text,
+    config_hash,
+    read_metadata,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +99,14 @@ class Experiment:
         return to_merge_space(self.cfg.finetune, self.clip.visual, trainable_state(self.base))
 
     @cached_property
+    def fingerprint(self) -> str:
+        """A short hash of the pretrained weights, stored with each fine-tune to catch foreign task vectors."""
+        h = hashlib.sha256()
+        for k in sorted(self.pretrained_state)[:16]:
+            h.update(k.encode() + self.pretrained_state[k].float().numpy().tobytes()[:65536])
+        return h.hexdigest()[:16]
+
+    @cached_property
     def method(self):
         """The merging function (a functools.partial); a scaling_coef passed to it overrides the YAML's."""
         fn = instantiate(self.cfg.method)
@@ -138,6 +154,7 @@ class Experiment:
         sec = finetune(module, self.head(task), self.tasks[task], self.cfg.model.train, self.cfg.trainer,
                        self.cfg.seed, work_dir)
         meta = {"task": task, "mode": self.cfg.finetune.mode, "model": self.cfg.model.name,
+                "pretrained": self.fingerprint,
                 "seed": self.cfg.seed, "seconds_per_step": round(sec, 4)}
         self.store.save(path, trainable_state(module), meta)
         cleanup(work_dir)
@@ -153,7 +170,20 @@ class Experiment:
                 f"taskpool={self.cfg.taskpool.name} finetune={self.cfg.finetune.mode} seed={self.cfg.seed}"
             )
         stored = self.store.load(path, expected=trainable_state(self.base))
+        origin = json.loads(read_metadata(path).get("fusion_bench", "{}")).get("pretrained")
+        if origin is not None and origin != self.fingerprint:
+            raise CheckpointError(f"checkpoint {path} was fine-tuned from another pretrained model (fingerprint "
+                                  f"{origin}, this run's is {self.fingerprint}): its task vector would be meaningless")
         return to_merge_space(self.cfg.finetune, self.clip.visual, stored)
+
+    def report_extras(self) -> dict:
+        """Model-family specific report fields."""
+        return {}
+
+    def seconds_per_step(self, task: str) -> float | None:
+        """Fine-tuning time per step, as recorded in the stored checkpoint."""
+        meta = json.loads(read_metadata(self.checkpoint(task)).get("fusion_bench", "{}"))
+        return meta.get("seconds_per_step")
 
     def reference_accuracies(self, task: str) -> dict[str, float]:
         """Zero-shot and individual fine-tuned accuracy (val and test), cached next to the checkpoint."""
@@ -184,11 +214,14 @@ def _normalized_mean(acc: dict[str, float], ref: dict[str, dict], split: str) ->
 
 def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
     if cfg.model.get("family") == "t5":
-        from fusion_bench.t5.pipeline import run_t5
-        return run_t5(cfg, run_dir, method_name)
-    validate(cfg)
+        from fusion_bench.t5.pipeline import T5Experiment, validate_t5
+
+        validate_t5(cfg)
+        exp = T5Experiment(cfg)
+    else:
+        validate(cfg)
+        exp = Experiment(cfg)
     torch.set_num_threads(int(cfg.num_threads))
-    exp = Experiment(cfg)
     tasks = list(cfg.taskpool.tasks)
     t0 = time.perf_counter()
     if cfg.stage in ("finetune", "all"):
@@ -205,10 +238,9 @@ def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
     if coef is not None and not isinstance(coef, (int, float, str)):
         coef = [float(c) for c in coef]
     search = None
-    ref = {t: exp.reference_accuracies(t) for t in tasks} if cfg.stage != "merge" else {}
+    # stage=merge with a fixed coefficient evaluates nothing; with `search` it picks the coefficient on val
+    ref = {t: exp.reference_accuracies(t) for t in tasks} if cfg.stage != "merge" or coef == "search" else {}
     if coef == "search":
-        if cfg.stage == "merge":
-            raise ValueError("method.scaling_coef=search needs evaluation: use stage=evaluate or stage=all")
         search = {}
         for c in SEARCH_GRID:
             val = exp.merged_accuracies(exp.merge(finetuned, c), "val")
@@ -233,10 +265,13 @@ def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
         "taskpool": cfg.taskpool.name,
         "scaling_coef": coef,
         "seed": cfg.seed,
+        "trainable_params": sum(v.numel() for v in trainable_state(exp.base).values()),
+        "seconds_per_step": {t: exp.seconds_per_step(t) for t in tasks},
         "tasks": per_task,
         "average": {k: sum(v[k] for v in per_task.values()) / len(per_task)
                     for k in ("zeroshot", "finetuned", "merged", "normalized")},
         "search": None if search is None else {"grid": list(search), "val_normalized": list(search.values())},
+        **exp.report_extras(),
         "method_config": OmegaConf.to_container(cfg.method),
         "seconds": round(time.perf_counter() - t0, 1),
     }

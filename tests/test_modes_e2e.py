@@ -60,4 +60,6 @@ def test_l_lora_end_to_end_then_partial_linearization(make_cfg, tmp_path, monkey
     pl = run(make_cfg("finetune=l_lora", *FAST, "method=partial_linearization"), tmp_path / "pl",
              "partial_linearization")
     check_report(pl, "l_lora", "partial_linearization")
-    assert all(pl["tasks"][t]["finetuned"] == ta["tasks"][t]["finetuned"] for t in ("colors", "position"))
+    # same pretrained point; the individual fine-tunes are re-evaluated linearized, so normalized compares like with like
+    assert all(pl["tasks"][t]["zeroshot"] == ta["tasks"][t]["zeroshot"] for t in ("colors", "position"))
+    assert len(list(tmp_path.rglob("*.eval-*-lin.json"))) == 2

@@ -7,7 +7,7 @@ import pytest
 from fusion_bench.pipeline import MissingFinetuneError, run
 from fusion_bench.store import CheckpointError
 
-FAST = ["taskpool.tasks=[digits,shapes]", "method.scaling_coef=0.3", "model.train.steps=15", "model.train.warmup_steps=3",
+FAST = ["taskpool.tasks=[digits,textures]", "method.scaling_coef=0.3", "model.train.steps=15", "model.train.warmup_steps=3",
         "model.train.batch_size=32", "model.train.checkpoint_every=10"]
 
 
@@ -23,12 +23,12 @@ def test_end_to_end_two_tasks(make_cfg, tmp_path, monkeypatch):
     assert (tmp_path / "run1" / "report.md").read_text().count("|") > 20
     assert saved["model"] == "tiny_clip" and saved["finetune"] == "standard" and saved["method"] == "task_arithmetic"
     assert saved["scaling_coef"] == 0.3
-    for task in ("digits", "shapes"):
+    for task in ("digits", "textures"):
         r = saved["tasks"][task]
         assert all(0.0 <= r[k] <= 1.0 for k in ("zeroshot", "finetuned", "merged"))
         assert r["normalized"] == pytest.approx(r["merged"] / r["finetuned"])
     avg = saved["average"]
-    assert avg["merged"] == pytest.approx((saved["tasks"]["digits"]["merged"] + saved["tasks"]["shapes"]["merged"]) / 2)
+    assert avg["merged"] == pytest.approx((saved["tasks"]["digits"]["merged"] + saved["tasks"]["textures"]["merged"]) / 2)
     # fine-tuning helps on its own task even after 15 steps
     assert avg["finetuned"] > avg["zeroshot"]
 
@@ -67,3 +67,27 @@ def test_config_errors_caught_before_training(make_cfg, tmp_path):
         validate(make_cfg("stage=train"))
     with pytest.raises(ValueError, match="3 values for 2 tasks"):
         validate(make_cfg("taskpool.tasks=[digits,shapes]", "method.scaling_coef=[0.1,0.2,0.3]"))
+
+
+@pytest.mark.slow
+def test_same_seed_same_report_and_foreign_task_vectors_refused(make_cfg, tmp_path):
+    import shutil
+
+    from fusion_bench.models.clip import create_clip
+    from fusion_bench.pipeline import Experiment
+    from fusion_bench.store import atomic_save_safetensors
+
+    fast = ["taskpool.tasks=[textures,counting]", "method.scaling_coef=0.3", "model.train.steps=10",
+            "model.train.warmup_steps=2", "model.train.batch_size=32"]
+    a = run(make_cfg(*fast, f"paths.store={tmp_path}/store_a"), tmp_path / "a", "task_arithmetic")
+    b = run(make_cfg(*fast, f"paths.store={tmp_path}/store_b"), tmp_path / "b", "task_arithmetic")
+    assert a["tasks"] == b["tasks"]  # two independent fine-tunes with the same seed: identical accuracies
+
+    other = tmp_path / "other_clip.safetensors"
+    atomic_save_safetensors(create_clip("tiny-clip").state_dict(), other)
+    mine = Experiment(make_cfg(*fast, f"paths.store={tmp_path}/store_a"))
+    foreign = Experiment(make_cfg(*fast, f"paths.store={tmp_path}/store_a", f"model.pretrained={other}"))
+    foreign.checkpoint("textures").parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(mine.checkpoint("textures"), foreign.checkpoint("textures"))
+    with pytest.raises(CheckpointError, match="fine-tuned from another pretrained model"):
+        foreign.finetuned_state("textures")

@@ -39,6 +39,9 @@ def rows(reports: list[dict]) -> list[dict]:
         row = {k: r.get(k) for k in FIELDS[:5]}
         row["scaling_coef"] = json.dumps(r.get("scaling_coef"))
         row.update({k: round(r["average"][k], 4) for k in FIELDS[5:]})
+        row["trainable_params"] = r.get("trainable_params")
+        secs = [v for v in (r.get("seconds_per_step") or {}).values() if v is not None]
+        row["s_per_step"] = round(sum(secs) / len(secs), 4) if secs else None
         row.update({f"merged/{t}": round(v["merged"], 4) for t, v in r["tasks"].items()})
         row["run"] = r["_path"]
         out.append(row)

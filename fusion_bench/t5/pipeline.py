@@ -1,6 +1,6 @@
 """The T5 / Flan-T5 on GLUE loop: finetune -> merge -> evaluate -> report, as fusion_bench.pipeline.run does for CLIP.
 
-`run_t5` has the CLIP run's stages (`stage=finetune|merge|evaluate|all`), store and report schema; only the model
+fusion_bench.pipeline.run drives it with the CLIP stages (`stage=finetune|merge|evaluate|all`), store and report schema; only the model
 (a text-to-text T5 behind `T5Logits`), the tasks (fusion_bench.t5.glue) and the metric (generated text vs target:
 exact match, Spearman for STS-B) differ. `T5Experiment` subclasses the CLIP `Experiment` and inherits its store,
 merging method and merged evaluation; the fine-tuning modes (fusion_bench.t5.modes) act on T5Logits:
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from functools import cached_property
 from pathlib import Path
 
@@ -27,9 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fusion_bench.finetune.train import cleanup
-from fusion_bench.pipeline import SEARCH_GRID, Experiment, MissingFinetuneError, _normalized_mean
-from fusion_bench.reporting.report import write_report
-from fusion_bench.store import atomic_save_safetensors, atomic_write_text, config_hash
+from fusion_bench.pipeline import Experiment, MissingFinetuneError
+from fusion_bench.store import atomic_write_text, config_hash
 from fusion_bench.t5 import glue
 from fusion_bench.t5.model import T5Logits, generate_texts, load_t5
 from fusion_bench.t5.modes import MODES, build_mode_model, eval_model, to_merge_space, trainable_state
@@ -63,6 +61,9 @@ def validate_t5(cfg: DictConfig) -> None:
 
 class T5Experiment(Experiment):
     """The CLIP Experiment's interface over a T5: checkpoints, fine-tunes, merge-space states and accuracies."""
+
+    def report_extras(self) -> dict:
+        return {"metrics": {t: "spearman" if glue.TASKS[t].targets is None else "exact_match" for t in self.tasks}}
 
     @cached_property
     def _loaded(self):
@@ -168,55 +169,3 @@ class T5Experiment(Experiment):
                for name, model in (("zeroshot", self.backbone), ("finetuned", ft)) for split in ("val", "test")}
         atomic_write_text(path, json.dumps(res))
         return res
-
-
-def run_t5(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
-    validate_t5(cfg)
-    torch.set_num_threads(int(cfg.num_threads))
-    exp = T5Experiment(cfg)
-    tasks = list(cfg.taskpool.tasks)
-    t0 = time.perf_counter()
-    if cfg.stage in ("finetune", "all"):
-        for task in tasks:
-            exp.ensure_finetuned(task)
-        if cfg.stage == "finetune":
-            return None
-    finetuned = [exp.finetuned_state(t) for t in tasks]
-    coef = cfg.method.get("scaling_coef")
-    if coef is not None and not isinstance(coef, (int, float, str)):
-        coef = [float(c) for c in coef]
-    if coef == "search" and cfg.stage == "merge":
-        raise ValueError("method.scaling_coef=search needs evaluation: use stage=evaluate or stage=all")
-    ref = {t: exp.reference_accuracies(t) for t in tasks} if cfg.stage != "merge" else {}
-    search = None
-    if coef == "search":
-        search = {}
-        for c in SEARCH_GRID:
-            search[c] = _normalized_mean(exp.merged_accuracies(exp.merge(finetuned, c), "val"), ref, "val")
-            log.info("scaling_coef %.2f: val normalized score %.4f", c, search[c])
-        coef = max(search, key=search.get)
-    merged = exp.merge(finetuned, coef)
-    if cfg.stage == "merge":
-        out = atomic_save_safetensors(merged, run_dir / "merged.safetensors")
-        log.info("merged weights written to %s", out)
-        return None
-    test = exp.merged_accuracies(merged, "test")
-    per_task = {t: {"zeroshot": ref[t]["zeroshot_test"], "finetuned": ref[t]["finetuned_test"], "merged": test[t],
-                    "normalized": test[t] / max(ref[t]["finetuned_test"], 1e-12)} for t in tasks}
-    report = {
-        "model": cfg.model.name,
-        "finetune": cfg.finetune.mode,
-        "method": method_name,
-        "taskpool": cfg.taskpool.name,
-        "scaling_coef": coef,
-        "seed": cfg.seed,
-        "tasks": per_task,
-        "average": {k: sum(v[k] for v in per_task.values()) / len(per_task)
-                    for k in ("zeroshot", "finetuned", "merged", "normalized")},
-        "search": None if search is None else {"grid": list(search), "val_normalized": list(search.values())},
-        "metrics": {t: "spearman" if glue.TASKS[t].targets is None else "exact_match" for t in tasks},
-        "method_config": OmegaConf.to_container(cfg.method),
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
-    write_report(report, run_dir)
-    return report
