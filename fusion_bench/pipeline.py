@@ -22,7 +22,7 @@ from fusion_bench.evaluation.accuracy import accuracy
 from fusion_bench.evaluation.distributed import distributed_accuracy
 from fusion_bench.finetune.train import cleanup, finetune
 from fusion_bench.models.clip import ImageClassifier, image_norm, load_clip, zero_shot_head
-from fusion_bench.models.modes import build_mode_model, eval_model, to_merge_space, trainable_state
+from fusion_bench.models import modes
 from fusion_bench.reporting.report import write_report
 from fusion_bench.store import (
     CheckpointError,
@@ -67,8 +67,14 @@ def validate(cfg: DictConfig) -> None:
 
 @dataclass
 class Experiment:
+    """Everything a run needs, built lazily: the model, tasks, store, method, fine-tunes and accuracies.
+
+    Subclasses for other model families (fusion_bench.t5) change `encoder`, `modes`, `tasks`, `acc` and `_train`.
+    """
+
     cfg: DictConfig
     _heads: dict = field(default_factory=dict)
+    modes = modes  # build_mode_model / trainable_state / to_merge_space / eval_model of this model family
 
     @cached_property
     def clip(self) -> nn.Module:
@@ -88,15 +94,24 @@ class Experiment:
     def store(self) -> CheckpointStore:
         return CheckpointStore(self.cfg.paths.store)
 
+    @property
+    def encoder(self) -> nn.Module:
+        """The pretrained network that fine-tuning modes wrap."""
+        return self.clip.visual
+
+    @property
+    def mode_cfg(self) -> DictConfig:
+        return self.cfg.finetune
+
     @cached_property
     def base(self) -> nn.Module:
         """The mode model at the pretrained weights (theta_0 of the trainable parameters)."""
-        return build_mode_model(self.cfg.finetune, self.clip.visual)
+        return self.modes.build_mode_model(self.mode_cfg, self.encoder)
 
     @cached_property
     def pretrained_state(self) -> dict[str, torch.Tensor]:
         """theta_0 in the space task vectors live in."""
-        return to_merge_space(self.cfg.finetune, self.clip.visual, trainable_state(self.base))
+        return self.modes.to_merge_space(self.mode_cfg, self.encoder, self.modes.trainable_state(self.base))
 
     @cached_property
     def fingerprint(self) -> str:
@@ -133,7 +148,7 @@ class Experiment:
 
     def model_with(self, merged: dict[str, torch.Tensor], linearized: bool = False) -> nn.Module:
         """An encoder at the given merge-space weights (a fine-tune or a merge)."""
-        return eval_model(self.cfg.finetune, self.clip.visual, merged, linearized)
+        return self.modes.eval_model(self.mode_cfg, self.encoder, merged, linearized)
 
     def acc(self, encoder: nn.Module, task: str, split: str) -> float:
         t = self.tasks[task]
@@ -149,14 +164,13 @@ class Experiment:
         if path.is_file():
             log.info("reusing fine-tune %s", path)
             return path
-        module = build_mode_model(self.cfg.finetune, self.clip.visual)
+        module = self.modes.build_mode_model(self.mode_cfg, self.encoder)
         work_dir = path.with_suffix(".partial")
-        sec = finetune(module, self.head(task), self.tasks[task], self.cfg.model.train, self.cfg.trainer,
-                       self.cfg.seed, work_dir)
+        sec = self._train(task, module, work_dir)
         meta = {"task": task, "mode": self.cfg.finetune.mode, "model": self.cfg.model.name,
                 "pretrained": self.fingerprint,
                 "seed": self.cfg.seed, "seconds_per_step": round(sec, 4)}
-        self.store.save(path, trainable_state(module), meta)
+        self.store.save(path, self.modes.trainable_state(module.cpu()), meta)
         cleanup(work_dir)
         log.info("fine-tuned %s in %.3f s/step -> %s", task, sec, path)
         return path
@@ -167,14 +181,24 @@ class Experiment:
             raise MissingFinetuneError(
                 f"missing fine-tune for task {task!r} (mode {self.cfg.finetune.mode}, seed {self.cfg.seed}): {path}\n"
                 f"make it with: python run.py stage=finetune model={self.cfg.model.name} "
-                f"taskpool={self.cfg.taskpool.name} finetune={self.cfg.finetune.mode} seed={self.cfg.seed}"
+                f"taskpool={self.cfg.taskpool.name} taskpool.tasks=[{task}] finetune={self.cfg.finetune.mode} "
+                f"seed={self.cfg.seed}"
             )
-        stored = self.store.load(path, expected=trainable_state(self.base))
+        stored = self.store.load(path, expected=self.modes.trainable_state(self.base))
         origin = json.loads(read_metadata(path).get("fusion_bench", "{}")).get("pretrained")
         if origin is not None and origin != self.fingerprint:
             raise CheckpointError(f"checkpoint {path} was fine-tuned from another pretrained model (fingerprint "
                                   f"{origin}, this run's is {self.fingerprint}): its task vector would be meaningless")
-        return to_merge_space(self.cfg.finetune, self.clip.visual, stored)
+        return self.modes.to_merge_space(self.mode_cfg, self.encoder, stored)
+
+    def _train(self, task: str, module: nn.Module, work_dir: Path) -> float:
+        """Fine-tune `module` in place on the task; returns seconds per step."""
+        return finetune(module, self.head(task), self.tasks[task], self.cfg.model.train, self.cfg.trainer,
+                        self.cfg.seed, work_dir)
+
+    def eval_key(self) -> str:
+        """What the cached reference accuracies depend on besides the checkpoint."""
+        return config_hash(dict(self.cfg.taskpool))
 
     def report_extras(self) -> dict:
         """Model-family specific report fields."""
@@ -188,13 +212,12 @@ class Experiment:
     def reference_accuracies(self, task: str) -> dict[str, float]:
         """Zero-shot and individual fine-tuned accuracy (val and test), cached next to the checkpoint."""
         lin = self.evaluate_linearized  # normalized accuracy compares like with like
-        path = self.checkpoint(task).with_suffix(
-            f".eval-{config_hash(dict(self.cfg.taskpool))}{'-lin' if lin else ''}.json")
+        path = self.checkpoint(task).with_suffix(f".eval-{self.eval_key()}{'-lin' if lin else ''}.json")
         if path.is_file():
             return json.loads(path.read_text())
         ft = self.model_with(self.finetuned_state(task), linearized=lin)
         res = {f"{name}_{split}": self.acc(enc, task, split)
-               for name, enc in (("zeroshot", self.clip.visual), ("finetuned", ft)) for split in ("val", "test")}
+               for name, enc in (("zeroshot", self.encoder), ("finetuned", ft)) for split in ("val", "test")}
         atomic_write_text(path, json.dumps(res))
         return res
 
@@ -265,7 +288,7 @@ def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
         "taskpool": cfg.taskpool.name,
         "scaling_coef": coef,
         "seed": cfg.seed,
-        "trainable_params": sum(v.numel() for v in trainable_state(exp.base).values()),
+        "trainable_params": sum(v.numel() for v in exp.modes.trainable_state(exp.base).values()),
         "seconds_per_step": {t: exp.seconds_per_step(t) for t in tasks},
         "tasks": per_task,
         "average": {k: sum(v[k] for v in per_task.values()) / len(per_task)

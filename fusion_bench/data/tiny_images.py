@@ -215,35 +215,3 @@ def caption_sample(rng: np.random.Generator) -> tuple[np.ndarray, str]:
     ]
     return img, forms[rng.integers(len(forms))]
 
-
-_BACKDROPS = {"striped": "diagonal stripes", "checkered": "checkerboard", "dotted": "polka dots", "grainy": "speckles"}
-_NUMBERS = ["one", "two", "three", "four"]
-
-
-def caption_sample_v2(rng: np.random.Generator) -> tuple[np.ndarray, str]:
-    """A richer pretraining pair: 1-4 shapes of one colour on a plain or patterned backdrop.
-
-    Captions name colour, shape, count, position or backdrop in words that differ from the tiny_eight prompts,
-    so the encoder learns those visual concepts while zero-shot heads still have to generalise."""
-    if rng.random() < 0.5:
-        return caption_sample(rng)
-    shape = SHAPES[rng.integers(len(SHAPES))]
-    cname = list(COLORS)[rng.integers(len(COLORS))]
-    count = int(rng.integers(1, 5))
-    backdrop = list(_BACKDROPS)[rng.integers(len(_BACKDROPS))] if rng.random() < 0.5 else None
-    img = draw_texture(rng, TEXTURES.index(_BACKDROPS[backdrop])).astype(np.float32) * 0.6 if backdrop else \
-        _background(rng)
-    color = _jitter(rng, COLORS[cname])
-    centers: list[np.ndarray] = []
-    r = rng.uniform(3.0, 4.5) if count > 1 else rng.uniform(4, 9)
-    while len(centers) < count:
-        c = rng.uniform(r + 1, SIZE - r - 1, 2)
-        if all(((c - o) ** 2).sum() > (2 * r + 2) ** 2 for o in centers):
-            centers.append(c)
-    for cx, cy in centers:
-        img = _paint(img, shape_mask(shape, cx, cy, r), color)
-    noun = shape if count == 1 else shape + ("es" if shape.endswith("s") else "s")
-    what = f"{_NUMBERS[count - 1]} {cname} {noun}" if count > 1 else f"a {cname} {shape}"
-    forms = [what, f"{_NUMBERS[count - 1]} {noun}", f"{what} on a {backdrop} backdrop" if backdrop else what,
-             f"a {backdrop} backdrop" if backdrop else f"a plain backdrop with {what}"]
-    return _finish(rng, img), forms[rng.integers(len(forms))]

@@ -34,14 +34,19 @@ def finetune(module: nn.Module, head: torch.Tensor, task: Task, train_cfg: DictC
                             weight_decay=train_cfg.weight_decay, warmup_steps=train_cfg.warmup_steps,
                             max_steps=train_cfg.steps, train_set=task.split("train"),
                             batch_size=train_cfg.batch_size, seed=seed)
-    ckpt_dir = work_dir / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
+    return fit_resumable(lm, train_cfg, trainer_cfg, work_dir, callbacks)
+
+
+def fit_resumable(lm: L.LightningModule, train_cfg: DictConfig, trainer_cfg: DictConfig, work_dir: Path,
+                  callbacks: list[Callback] = ()) -> float:
+    """trainer.fit for train_cfg.steps steps, resuming from work_dir/checkpoints/last.ckpt if a run was cut short."""
+    last = work_dir / "checkpoints" / "last.ckpt"
     trainer: L.Trainer = instantiate(
         trainer_cfg,
         max_steps=train_cfg.steps,
         default_root_dir=str(work_dir),
         logger=[CSVLogger(str(work_dir), name="logs"), TensorBoardLogger(str(work_dir), name="tb")],
-        callbacks=[ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=train_cfg.checkpoint_every,
+        callbacks=[ModelCheckpoint(dirpath=str(last.parent), every_n_train_steps=train_cfg.checkpoint_every,
                                    save_last=True, save_top_k=0), RichProgressBar(leave=True), *callbacks],
         limit_val_batches=0,
         num_sanity_val_steps=0,
@@ -52,7 +57,7 @@ def finetune(module: nn.Module, head: torch.Tensor, task: Task, train_cfg: DictC
         raise ValueError(f"model.train.batch_size={train_cfg.batch_size} must divide over {trainer.world_size} ranks")
     resume = str(last) if last.is_file() else None
     if resume:
-        log.info("resuming %s from %s", task.name, resume)
+        log.info("resuming from %s", resume)
     t0 = time.perf_counter()
     trainer.fit(lm, ckpt_path=resume)
     return (time.perf_counter() - t0) / max(1, train_cfg.steps)

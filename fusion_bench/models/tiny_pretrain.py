@@ -17,26 +17,22 @@ from open_clip.loss import ClipLoss
 from rich.progress import track
 
 from fusion_bench.data.tiny_eight import to_tensor
-from fusion_bench.data.tiny_images import caption_sample, caption_sample_v2
+from fusion_bench.data.tiny_images import caption_sample
 from fusion_bench.models.clip import TINY_CHECKPOINT, create_clip, image_norm
 from fusion_bench.store import atomic_save_safetensors
 
 
-CAPTIONS = {"v1": caption_sample, "v2": caption_sample_v2}
-
-
-def make_pairs(n: int, seed: int, captions: str = "v2"):
+def make_pairs(n: int, seed: int):
     rng = np.random.default_rng(seed)
-    imgs, caps = zip(*(CAPTIONS[captions](rng) for _ in range(n)))
+    imgs, caps = zip(*(caption_sample(rng) for _ in range(n)))
     return np.stack(imgs), list(caps)
 
 
-def pretrain(steps: int = 1500, batch_size: int = 128, n_pairs: int = 20000, lr: float = 1e-3, seed: int = 0,
-             captions: str = "v2"):
+def pretrain(steps: int = 1500, batch_size: int = 128, n_pairs: int = 20000, lr: float = 1e-3, seed: int = 0):
     torch.manual_seed(seed)
     model = create_clip("tiny-clip")
     tokenizer = open_clip.get_tokenizer("tiny-clip")
-    images, texts = make_pairs(n_pairs, seed, captions)
+    images, texts = make_pairs(n_pairs, seed)
     x_all = to_tensor(images, *image_norm(model))
     t_all = tokenizer(texts)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
@@ -68,15 +64,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--captions", choices=sorted(CAPTIONS), default="v2")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(TINY_CHECKPOINT))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    model, loss = pretrain(steps=args.steps, batch_size=args.batch_size, seed=args.seed, captions=args.captions)
+    model, loss = pretrain(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
     state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
-    meta = {"captions": args.captions, "steps": str(args.steps), "batch_size": str(args.batch_size), "seed": str(args.seed), "final_loss": f"{loss:.4f}"}
+    meta = {"steps": str(args.steps), "batch_size": str(args.batch_size), "seed": str(args.seed), "final_loss": f"{loss:.4f}"}
     atomic_save_safetensors(state, args.out, metadata=meta)
     print(json.dumps({**meta, "seconds": round(time.time() - t0, 1), "out": args.out}))
 

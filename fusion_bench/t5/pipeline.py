@@ -16,7 +16,6 @@ LoRA targets `model.lora_target` (every SelfAttention / EncDecAttention q and v)
 
 from __future__ import annotations
 
-import json
 import logging
 from functools import cached_property
 from pathlib import Path
@@ -25,12 +24,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from fusion_bench.finetune.train import cleanup
-from fusion_bench.pipeline import Experiment, MissingFinetuneError
-from fusion_bench.store import atomic_write_text, config_hash
+from fusion_bench.pipeline import Experiment
+from fusion_bench.store import config_hash
 from fusion_bench.t5 import glue
 from fusion_bench.t5.model import T5Logits, generate_texts, load_t5
-from fusion_bench.t5.modes import MODES, build_mode_model, eval_model, to_merge_space, trainable_state
+from fusion_bench.t5 import modes as t5_modes
+from fusion_bench.t5.modes import MODES
 from fusion_bench.t5.train import Seq2SeqCollator, finetune_t5
 
 log = logging.getLogger(__name__)
@@ -60,7 +59,9 @@ def validate_t5(cfg: DictConfig) -> None:
 
 
 class T5Experiment(Experiment):
-    """The CLIP Experiment's interface over a T5: checkpoints, fine-tunes, merge-space states and accuracies."""
+    """The CLIP Experiment over a T5: its own model, modes, tasks, metric and training; the rest is inherited."""
+
+    modes = t5_modes
 
     def report_extras(self) -> dict:
         return {"metrics": {t: "spearman" if glue.TASKS[t].targets is None else "exact_match" for t in self.tasks}}
@@ -72,6 +73,10 @@ class T5Experiment(Experiment):
     @cached_property
     def backbone(self) -> T5Logits:
         return T5Logits(self._loaded[0]).requires_grad_(False).eval()
+
+    @property
+    def encoder(self) -> T5Logits:
+        return self.backbone
 
     @cached_property
     def tokenizer(self):
@@ -94,14 +99,6 @@ class T5Experiment(Experiment):
         gpu = torch.cuda.is_available() and self.cfg.trainer.get("accelerator") in ("gpu", "cuda", "auto")
         return torch.device("cuda" if gpu else "cpu")
 
-    @cached_property
-    def base(self) -> nn.Module:
-        return build_mode_model(self.mode_cfg, self.backbone)
-
-    @cached_property
-    def pretrained_state(self) -> dict[str, torch.Tensor]:
-        return to_merge_space(self.mode_cfg, self.backbone, trainable_state(self.base))
-
     def _eval_settings(self) -> dict:
         m = self.cfg.model
         return {"max_source_length": m.max_source_length, "max_target_length": m.max_target_length}
@@ -112,9 +109,6 @@ class T5Experiment(Experiment):
               "pool": c.taskpool.name, "weights": str(c.model.get("pretrained") or c.model.get("hf_id")),
               "template": glue.TASKS[task].template, **self._eval_settings()}
         return self.store.path(c.model.name, c.finetune.mode, task, c.seed, hp)
-
-    def model_with(self, merged: dict[str, torch.Tensor], linearized: bool = False) -> nn.Module:
-        return eval_model(self.mode_cfg, self.backbone, merged, linearized)
 
     def acc(self, model: nn.Module, task: str, split: str) -> float:
         """Exact match (Spearman for STS-B) of greedy generations on the task's split."""
@@ -129,43 +123,10 @@ class T5Experiment(Experiment):
         return Seq2SeqCollator(self.tokenizer, m.max_source_length, m.max_target_length,
                                c.decoder_start_token_id, c.pad_token_id)
 
-    # ---- finetune stage -------------------------------------------------------------------------------------
-    def ensure_finetuned(self, task: str) -> Path:
-        path = self.checkpoint(task)
-        if path.is_file():
-            log.info("reusing fine-tune %s", path)
-            return path
-        module = build_mode_model(self.mode_cfg, self.backbone)
-        work_dir = path.with_suffix(".partial")
-        sec = finetune_t5(module, self.collator(), self.tasks[task].split("train"), self.cfg.model.train,
-                          self.cfg.trainer, self.cfg.seed, work_dir)
-        meta = {"task": task, "mode": self.cfg.finetune.mode, "model": self.cfg.model.name,
-                "seed": self.cfg.seed, "seconds_per_step": round(sec, 4)}
-        self.store.save(path, trainable_state(module.cpu()), meta)
-        cleanup(work_dir)
-        log.info("fine-tuned %s in %.3f s/step -> %s", task, sec, path)
-        return path
+    def eval_key(self) -> str:
+        return config_hash({"taskpool": OmegaConf.to_container(self.cfg.taskpool, resolve=True),
+                            "max_new_tokens": self.cfg.model.max_new_tokens, **self._eval_settings()})
 
-    def finetuned_state(self, task: str) -> dict[str, torch.Tensor]:
-        path = self.checkpoint(task)
-        if not path.is_file():
-            c = self.cfg
-            raise MissingFinetuneError(
-                f"missing fine-tune for task {task!r} (mode {c.finetune.mode}, seed {c.seed}): {path}\n"
-                f"make it with: python run.py stage=finetune model={c.model.name} taskpool={c.taskpool.name} "
-                f"taskpool.tasks=[{task}] finetune={c.finetune.mode} seed={c.seed}")
-        stored = self.store.load(path, expected=trainable_state(self.base))
-        return to_merge_space(self.mode_cfg, self.backbone, stored)
-
-    def reference_accuracies(self, task: str) -> dict[str, float]:
-        """Zero-shot and individual fine-tuned scores (val and test), cached next to the checkpoint."""
-        key = config_hash({"taskpool": OmegaConf.to_container(self.cfg.taskpool, resolve=True),
-                           "max_new_tokens": self.cfg.model.max_new_tokens, **self._eval_settings()})
-        path = self.checkpoint(task).with_suffix(f".eval-{key}.json")
-        if path.is_file():
-            return json.loads(path.read_text())
-        ft = self.model_with(self.finetuned_state(task))
-        res = {f"{name}_{split}": self.acc(model, task, split)
-               for name, model in (("zeroshot", self.backbone), ("finetuned", ft)) for split in ("val", "test")}
-        atomic_write_text(path, json.dumps(res))
-        return res
+    def _train(self, task: str, module: nn.Module, work_dir: Path) -> float:
+        return finetune_t5(module, self.collator(), self.tasks[task].split("train"), self.cfg.model.train,
+                           self.cfg.trainer, self.cfg.seed, work_dir)

@@ -9,20 +9,18 @@ weights as an uninterrupted run.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
 from fusion_bench.finetune.module import cosine_with_warmup
+from fusion_bench.finetune.train import fit_resumable
 from fusion_bench.finetune.sampler import StepBatchSampler
 from fusion_bench.t5.glue import Example
 from fusion_bench.t5.model import decoder_inputs
@@ -82,24 +80,4 @@ def finetune_t5(model: nn.Module, collate: Seq2SeqCollator, train_set: list[Exam
     lm = Seq2SeqFinetune(model, collate, train_set, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
                          warmup_steps=train_cfg.warmup_steps, max_steps=train_cfg.steps,
                          batch_size=train_cfg.batch_size, seed=seed)
-    last = work_dir / "checkpoints" / "last.ckpt"
-    trainer: L.Trainer = instantiate(
-        trainer_cfg,
-        max_steps=train_cfg.steps,
-        default_root_dir=str(work_dir),
-        logger=[CSVLogger(str(work_dir), name="logs")],
-        callbacks=[ModelCheckpoint(dirpath=str(last.parent), every_n_train_steps=train_cfg.checkpoint_every,
-                                   save_last=True, save_top_k=0), RichProgressBar(leave=True), *callbacks],
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        enable_model_summary=False,
-        use_distributed_sampler=False,  # StepBatchSampler shards each global batch over the ranks itself
-    )
-    if train_cfg.batch_size % trainer.world_size:
-        raise ValueError(f"model.train.batch_size={train_cfg.batch_size} must divide over {trainer.world_size} ranks")
-    resume = str(last) if last.is_file() else None
-    if resume:
-        log.info("resuming from %s", resume)
-    t0 = time.perf_counter()
-    trainer.fit(lm, ckpt_path=resume)
-    return (time.perf_counter() - t0) / max(1, train_cfg.steps)
+    return fit_resumable(lm, train_cfg, trainer_cfg, work_dir, callbacks)
