@@ -15,6 +15,7 @@ import open_clip
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from rich.progress import track
 from torch import nn
 
 from fusion_bench.data.tasks import Task, known_tasks, load_task
@@ -265,7 +266,7 @@ def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
     ref = {t: exp.reference_accuracies(t) for t in tasks} if cfg.stage != "merge" or coef == "search" else {}
     if coef == "search":
         search = {}
-        for c in SEARCH_GRID:
+        for c in track(SEARCH_GRID, description="scaling_coef search on val"):
             val = exp.merged_accuracies(exp.merge(finetuned, c), "val")
             search[c] = _normalized_mean(val, ref, "val")
             log.info("scaling_coef %.2f: val normalized accuracy %.4f", c, search[c])

@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from rich.progress import track
 from torch import Tensor
 
 from .lazy import LazyStateDict
@@ -228,6 +229,9 @@ class Transform:
 # --------------------------------------------------------------------------------------------
 # passes
 # --------------------------------------------------------------------------------------------
+PROGRESS_MIN_NUMEL = 10_000_000  # a progress bar for merges of models this size and up
+
+
 def stream_blocks(
     inp: MergeInputs,
     visit: Callable[[Tensor, str, int, int, Tensor], None],
@@ -247,7 +251,8 @@ def stream_blocks(
     if transform is not None and transform.whole_keys:
         chunk = None
     n = inp.n
-    for key in inp.float_keys:
+    big = sum(inp.numels[k] for k in inp.float_keys) >= PROGRESS_MIN_NUMEL
+    for key in track(inp.float_keys, description="merging tensors", transient=True, disable=not big):
         numel = inp.numels[key]
         if numel == 0:
             continue
