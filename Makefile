@@ -18,8 +18,8 @@ tiny-pretrain:  ## re-create fusion_bench/assets/tiny_clip.safetensors (determin
 	$(PY) -m fusion_bench.models.tiny_pretrain
 
 bench-merge:    ## merge time and peak memory, eight ViT-B/32- and ViT-L/14-sized task vectors
-	$(PY) benchmarks/bench_merge.py --arch vit_b32
-	$(PY) benchmarks/bench_merge.py --arch vit_l14
+	$(PY) -m fusion_bench.benchmarks.merge --arch vit_b32
+	$(PY) -m fusion_bench.benchmarks.merge --arch vit_l14
 
 MODES ?= standard,linear,attention,linear_layers,lora,l_lora
 METHODS ?= task_arithmetic,ties,dare,dare_ties,awd_ta,awd_ties

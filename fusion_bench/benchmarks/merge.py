@@ -1,6 +1,6 @@
 """Merge-engine benchmark: wall time and peak RSS per method over safetensors checkpoints.
 
-    python benchmarks/bench_merge.py --arch vit_b32 [--methods task_arithmetic ties awd_ta] [--write]
+    python -m fusion_bench.benchmarks.merge --arch vit_b32 [--methods task_arithmetic ties awd_ta] [--write]
 
 Builds (once, cached in ``outputs/bench_merge/<arch>/``) a randomly initialised open_clip image
 encoder (nothing is downloaded) and eight "fine-tuned" copies: theta_t = theta_0 + sigma * (0.5 c + z_t)
@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARCHS = {"vit_b32": "ViT-B-32-quickgelu", "vit_l14": "ViT-L-14-quickgelu"}
 METHODS: dict[str, tuple[str, dict]] = {
     "weight_average": ("weight_average", {}),
@@ -157,7 +157,7 @@ def write_results(path: Path, arch: str, header: str, body: str) -> None:
     """Replace (or add) this arch's section of the results file."""
     title = f"## {arch}"
     sections: dict[str, str] = {}
-    preamble = "# Merge benchmark (benchmarks/bench_merge.py)\n"
+    preamble = "# Merge benchmark (fusion_bench/benchmarks/merge.py)\n"
     if path.exists():
         text = path.read_text()
         parts = text.split("\n## ")
@@ -188,7 +188,7 @@ def main() -> None:
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--repeat", type=int, default=1, help="runs per method; the table shows the fastest")
     ap.add_argument("--cache-dir", type=Path, default=None, help="default outputs/bench_merge/<arch>")
-    ap.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS_merge.md")
+    ap.add_argument("--write", action="store_true", help="write the table into outputs/bench_merge/RESULTS.md")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     cache = args.cache_dir or ROOT / "outputs" / "bench_merge" / args.arch
@@ -234,7 +234,7 @@ def main() -> None:
     body = table(rows)
     print(f"\n{header}\n\n{body}")
     if args.write:
-        write_results(ROOT / "benchmarks" / "RESULTS_merge.md", args.arch, header, body)
+        write_results(ROOT / "outputs" / "bench_merge" / "RESULTS.md", args.arch, header, body)
 
 
 if __name__ == "__main__":
