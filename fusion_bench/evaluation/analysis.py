@@ -107,7 +107,8 @@ def run_analysis(exp, analysis_cfg, run_dir: Path, method_name: str) -> dict:
         xi = disentanglement_error(exp, pair, grid, analysis_cfg.split)
         result = {"tasks": pair, "grid": grid, "xi": xi.tolist()}
         plots.grid_heatmap(xi, grid, grid, f"weight disentanglement error (finetune={mode})",
-                           run_dir / "disentanglement.png", f"alpha ({pair[0]})", f"alpha ({pair[1]})")
+                           run_dir / "disentanglement.png", f"alpha ({pair[0]})", f"alpha ({pair[1]})",
+                           vmax=2.0)  # xi sums two error rates: one scale for every mode
     elif kind == "num_tasks":
         curve = normalized_vs_num_tasks(exp, float(analysis_cfg.scaling_coef), int(analysis_cfg.max_subsets))
         result = {"num_tasks": list(curve), "normalized": list(curve.values()), "scaling_coef": analysis_cfg.scaling_coef}

@@ -37,10 +37,11 @@ def heatmap(matrix: np.ndarray, labels: Sequence[str], title: str, path: Path, f
 
 
 def grid_heatmap(values: np.ndarray, a1: Sequence[float], a2: Sequence[float], title: str, path: Path,
-                 xlabel: str, ylabel: str) -> Path:
+                 xlabel: str, ylabel: str, vmax: float | None = None) -> Path:
     """values[i, j] at (a1[i], a2[j]), drawn with a1 on the x axis."""
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    im = ax.imshow(values.T, origin="lower", extent=(a1[0], a1[-1], a2[0], a2[-1]), cmap="magma_r", aspect="auto")
+    im = ax.imshow(values.T, origin="lower", extent=(a1[0], a1[-1], a2[0], a2[-1]), cmap="magma_r", aspect="auto",
+                   vmin=0, vmax=vmax)
     fig.colorbar(im, ax=ax, label="disentanglement error")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
