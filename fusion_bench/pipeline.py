@@ -44,23 +44,22 @@ class MissingFinetuneError(FileNotFoundError):
     pass
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig, stages=STAGES, known: list[str] | None = None) -> None:
     """Catch config errors before anything trains."""
-    if cfg.stage not in STAGES:
-        raise ValueError(f"stage={cfg.stage!r}: expected one of {STAGES}")
+    if cfg.stage not in stages:
+        raise ValueError(f"stage={cfg.stage!r}: expected one of {stages}")
     if cfg.stage == "analyze" and not cfg.get("analysis"):
         raise ValueError("stage=analyze needs analysis=cosine|disentanglement|num_tasks")
-    known = known_tasks(cfg.taskpool)
-    unknown = [t for t in cfg.taskpool.tasks if t not in known]
+    known = known if known is not None else known_tasks(cfg.taskpool)
+    tasks = list(cfg.taskpool.tasks)
+    unknown = [t for t in tasks if t not in known]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown} in taskpool.tasks; {cfg.taskpool.name} has {known}")
-    if len(set(cfg.taskpool.tasks)) != len(cfg.taskpool.tasks):
-        raise ValueError(f"taskpool.tasks has duplicates: {list(cfg.taskpool.tasks)}")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"taskpool.tasks has duplicates: {tasks}")
     coef = cfg.method.get("scaling_coef")
-    if coef is not None and not isinstance(coef, (int, float)) and coef != "search":
-        coefs = list(coef)
-        if len(coefs) != len(cfg.taskpool.tasks):
-            raise ValueError(f"method.scaling_coef has {len(coefs)} values for {len(cfg.taskpool.tasks)} tasks")
+    if coef is not None and not isinstance(coef, (int, float)) and coef != "search" and len(coef) != len(tasks):
+        raise ValueError(f"method.scaling_coef has {len(coef)} values for {len(tasks)} tasks")
     k = cfg.method.get("k")
     if k is not None and not 0 < float(k) <= 1:
         raise ValueError(f"method.k={k} must be in (0, 1]")

@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from fusion_bench.pipeline import Experiment
+from fusion_bench.pipeline import Experiment, validate
 from fusion_bench.store import config_hash
 from fusion_bench.t5 import glue
 from fusion_bench.t5.model import T5Logits, generate_texts, load_t5
@@ -38,24 +38,11 @@ T5_STAGES = ("finetune", "merge", "evaluate", "all")
 
 
 def validate_t5(cfg: DictConfig) -> None:
-    if cfg.stage not in T5_STAGES:
-        raise ValueError(f"stage={cfg.stage!r}: expected one of {T5_STAGES} for T5 models (no analyze stage)")
     if cfg.taskpool.get("source") != "glue":
         raise ValueError(f"model={cfg.model.name} is a T5 model: use taskpool=glue (got taskpool={cfg.taskpool.name})")
-    tasks = list(cfg.taskpool.tasks)
-    unknown = [t for t in tasks if t not in glue.TASKS]
-    if unknown:
-        raise ValueError(f"unknown task(s) {unknown} in taskpool.tasks; glue has {sorted(glue.TASKS)}")
-    if len(set(tasks)) != len(tasks):
-        raise ValueError(f"taskpool.tasks has duplicates: {tasks}")
     if cfg.finetune.mode not in MODES:
         raise ValueError(f"finetune={cfg.finetune.mode} is not available for T5; use one of {MODES}")
-    coef = cfg.method.get("scaling_coef")
-    if coef is not None and not isinstance(coef, (int, float)) and coef != "search" and len(coef) != len(tasks):
-        raise ValueError(f"method.scaling_coef has {len(coef)} values for {len(tasks)} tasks")
-    k = cfg.method.get("k")
-    if k is not None and not 0 < float(k) <= 1:
-        raise ValueError(f"method.k={k} must be in (0, 1]")
+    validate(cfg, stages=T5_STAGES, known=sorted(glue.TASKS))
 
 
 class T5Experiment(Experiment):
