@@ -142,9 +142,10 @@ class Experiment:
 
     def checkpoint(self, task: str) -> Path:
         c = self.cfg
-        hp = {"train": OmegaConf.to_container(c.model.train), "finetune": OmegaConf.to_container(c.finetune),
+        trained = modes.training_config(c.finetune)
+        hp = {"train": OmegaConf.to_container(c.model.train), "finetune": trained,
               "pool": f"{c.taskpool.name}-v{c.taskpool.get('version')}", "weights": str(c.model.get("pretrained"))}
-        return self.store.path(c.model.name, c.finetune.mode, task, c.seed, hp)
+        return self.store.path(c.model.name, trained["mode"], task, c.seed, hp)
 
     def model_with(self, merged: dict[str, torch.Tensor], linearized: bool = False) -> nn.Module:
         """An encoder at the given merge-space weights (a fine-tune or a merge)."""
@@ -198,7 +199,8 @@ class Experiment:
 
     def eval_key(self) -> str:
         """What the cached reference accuracies depend on besides the checkpoint."""
-        return config_hash(dict(self.cfg.taskpool))
+        return config_hash({"taskpool": OmegaConf.to_container(self.cfg.taskpool),
+                            "finetune": OmegaConf.to_container(self.cfg.finetune)})  # posthoc shares checkpoints
 
     def report_extras(self) -> dict:
         """Model-family specific report fields."""

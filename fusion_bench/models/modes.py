@@ -29,7 +29,7 @@ import copy
 import re
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fusion_bench.models.linearize import LinearizedModel
@@ -96,6 +96,17 @@ def _lora_delta_w(cfg: DictConfig) -> bool:
 
 
 # ---- the interface the pipeline uses ------------------------------------------------------------------------
+EVALUATION_ONLY = ("posthoc", "task_vector")  # options that change how a fine-tune is used, not how it trains
+
+
+def training_config(finetune_cfg: DictConfig) -> dict:
+    """The part of finetune.* that decides the trained weights (the checkpoint store's key): a post-hoc
+    linearized fine-tune *is* a standard one, and LoRA's task_vector option only changes the merge space."""
+    if finetune_cfg.mode == "linear" and finetune_cfg.get("posthoc", False):
+        return {"mode": "standard"}
+    return {k: v for k, v in OmegaConf.to_container(finetune_cfg, resolve=True).items() if k not in EVALUATION_ONLY}
+
+
 def build_mode_model(finetune_cfg: DictConfig, encoder: nn.Module) -> nn.Module:
     """A fresh trainable copy of `encoder` for the mode named by finetune.mode (trainable = requires_grad)."""
     mode = _check_mode(finetune_cfg)
