@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from rich.progress import track
 
+from fusion_bench.merging import awd, task_arithmetic
+from fusion_bench.merging.task_vectors import prepare
 from fusion_bench.reporting import plots
 from fusion_bench.store import atomic_write_text
 
@@ -21,15 +23,8 @@ log = logging.getLogger(__name__)
 
 
 def gram_matrix(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]]) -> np.ndarray:
-    """G[i, j] = <tau_i, tau_j> over all floating-point entries, one tensor at a time, in float64."""
-    n = len(finetuned)
-    gram = torch.zeros(n, n, dtype=torch.float64)
-    for key, theta0 in pretrained.items():
-        if not theta0.is_floating_point():
-            continue
-        taus = torch.stack([ft[key].double().flatten() - theta0.double().flatten() for ft in finetuned])
-        gram += taus @ taus.T
-    return gram.numpy()
+    """G[i, j] = <tau_i, tau_j> over all floating-point entries: the merging engine's streaming pass (AWD's)."""
+    return awd.gram_matrix(prepare(pretrained, finetuned, "cosine_matrix")).numpy()
 
 
 def cosine_matrix(pretrained, finetuned) -> np.ndarray:
@@ -49,24 +44,19 @@ def _predictions(exp, encoder, task: str, split: str) -> torch.Tensor:
     return torch.cat([clf(x).argmax(-1) for x, _ in loader])
 
 
-def _combine(pretrained, finetuned, coefs) -> dict[str, torch.Tensor]:
-    return {k: (v + sum(c * (ft[k] - v) for c, ft in zip(coefs, finetuned)) if v.is_floating_point() else v)
-            for k, v in pretrained.items()}
-
-
 def disentanglement_error(exp, task_pair: Sequence[str], grid: Sequence[float], split: str = "test") -> np.ndarray:
     """xi[i, j] = sum_t P_x[f_t(x; theta0 + a_t tau_t) != f_t(x; theta0 + a1 tau1 + a2 tau2)], (a1, a2) = grid[i], grid[j]."""
     t1, t2 = task_pair
     pre = exp.pretrained_state
     fts = [exp.finetuned_state(t1), exp.finetuned_state(t2)]
     single = {
-        (t, a): _predictions(exp, exp.model_with(_combine(pre, [fts[i]], [a])), t, split)
+        (t, a): _predictions(exp, exp.model_with(task_arithmetic(pre, [fts[i]], scaling_coef=[a])), t, split)
         for i, t in enumerate(task_pair) for a in grid
     }
     xi = np.zeros((len(grid), len(grid)))
     for (i, a1), (j, a2) in track(list(itertools.product(enumerate(grid), enumerate(grid))),
                                   description="disentanglement grid"):
-        enc = exp.model_with(_combine(pre, fts, [a1, a2]))
+        enc = exp.model_with(task_arithmetic(pre, fts, scaling_coef=[a1, a2]))
         for t, a in ((t1, a1), (t2, a2)):
             xi[i, j] += (_predictions(exp, enc, t, split) != single[(t, a)]).float().mean().item()
     return xi

@@ -35,7 +35,6 @@ class ClassifierFinetune(L.LightningModule):
         self.lr, self.weight_decay = lr, weight_decay
         self.warmup_steps, self.max_steps = warmup_steps, max_steps
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
 
     def train_dataloader(self) -> DataLoader:
         # called after a checkpoint is restored, so global_step is where a resumed run continues
@@ -54,11 +53,6 @@ class ClassifierFinetune(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, prog_bar=True)
         return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.val_acc(self(x).argmax(-1), y)
-        self.log("val/acc", self.val_acc, prog_bar=True)
 
     def configure_optimizers(self):
         params = [p for p in self.classifier.parameters() if p.requires_grad]
