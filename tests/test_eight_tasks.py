@@ -2,6 +2,7 @@
 
 import pickle
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -129,6 +130,7 @@ def test_missing_data_set_names_folder_and_layout(pool, tmp_path):
     assert str(tmp_path / "data_root" / "mnist") in msg
     assert "MNIST/raw" in msg
     assert "paths.data_root" in msg and "{train,test}" in msg
+    assert "dataset_dict.json" in msg and "data/{train,test}-*.parquet" in msg  # the Hugging Face layout
 
 
 def test_sun397_without_partitions_is_explained(tmp_path):
@@ -163,3 +165,82 @@ def test_class_names_are_clean_data():
     assert eight_tasks.class_index(eight_tasks.TASKS["sun397"], "apartment_building/outdoor") == 8
     assert eight_tasks.class_index(eight_tasks.TASKS["eurosat"], "SeaLake") == 9
     assert eight_tasks.class_index(eight_tasks.TASKS["gtsrb"], "00042") == 42
+
+
+# ---- Hugging Face `datasets` copies -------------------------------------------------------------------------------
+HF_NAMES = ["wetland", "airplane", "sea ice"]  # ClassLabel order differs from ours: resisc45 classes 44, 0, 35
+HF_EXPECTED = [44, 0, 35]
+
+
+def _write_hf(root, kind, splits=(("train", 12), ("test", 4)), features=None, offset=0):
+    """A copy written by the real `datasets` library: grey images (mode L), label offset + i % 3."""
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    features = features or datasets.Features({"image": datasets.Image(),
+                                              "label": datasets.ClassLabel(names=HF_NAMES)})
+    image, label = features
+    rng = np.random.default_rng(0)
+    dd = datasets.DatasetDict({
+        split: datasets.Dataset.from_dict(
+            {image: [Image.fromarray(rng.integers(0, 256, (10, 12), dtype=np.uint8), "L") for _ in range(n)],
+             label: [offset + i % 3 for i in range(n)]}, features=features)
+        for split, n in splits})
+    if kind == "save_to_disk":
+        dd.save_to_disk(str(root))
+    for split, ds in dd.items():
+        if kind == "parquet":  # a Hub snapshot, e.g. tanganke/resisc45
+            (root / "data").mkdir(parents=True, exist_ok=True)
+            ds.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+        elif kind == "parquet_split_folders":
+            (root / split).mkdir(parents=True, exist_ok=True)
+            ds.to_parquet(str(root / split / "0000.parquet"))
+
+
+@pytest.mark.parametrize("kind", ["save_to_disk", "parquet", "parquet_split_folders"])
+def test_hugging_face_copy(kind, pool, tmp_path):
+    data_root = tmp_path / "data_root"
+    _write_hf(data_root / "resisc45", kind)
+    assert find_layout("resisc45", data_root) == (eight_tasks._HF, data_root / "resisc45")
+    cfg = pool("resisc45")
+    task = load_task(cfg.taskpool, "resisc45", MEAN, STD, cfg.paths.data, image_size=224)
+    train, val, test = task.split("train"), task.split("val"), task.split("test")
+    assert (len(train), len(val), len(test)) == (11, 1, 4)
+    assert list(test.labels) == [HF_EXPECTED[i % 3] for i in range(4)]  # mapped by ClassLabel name
+    assert list(train.labels) + list(val.labels) == [HF_EXPECTED[i % 3] for i in [*train.indices, *val.indices]]
+    assert test.dataset[0][0].mode == "RGB"
+    x, y = next(iter(DataLoader(test, batch_size=4, num_workers=0)))
+    assert x.shape == (4, 3, 224, 224) and x.dtype == torch.float32 and y.tolist() == list(test.labels)
+    again = pickle.loads(pickle.dumps(test))  # DataLoader workers
+    assert torch.equal(again[3][0], test[3][0]) and again[3][1] == test[3][1]
+    if kind != "save_to_disk":
+        assert (data_root / "resisc45" / ".hf_cache").is_dir()  # parquet -> arrow, cached next to the data
+
+
+def test_hugging_face_copy_errors(pool, tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    data_root = tmp_path / "data_root"
+    plain = datasets.Features({"img": datasets.Image(), "labels": datasets.Value("int64")})
+    _write_hf(data_root / "mnist", "parquet", splits=(("train", 6), ("test", 3)), features=plain)
+    _write_hf(data_root / "svhn", "save_to_disk", features=plain, offset=8)
+    _write_hf(data_root / "resisc45", "save_to_disk", splits=(("train", 6), ("validation", 3)))
+    unknown = datasets.Features({"image": datasets.Image(),
+                                 "label": datasets.ClassLabel(names=["banded", "zigzagged", "volcano"])})
+    _write_hf(data_root / "dtd", "parquet", features=unknown)
+    cfg = pool("mnist", "svhn", "resisc45", "dtd")
+
+    def load(name, split):
+        return load_task(cfg.taskpool, name, MEAN, STD, cfg.paths.data).split(split)
+
+    assert list(load("mnist", "test").labels) == [0, 1, 2]  # plain integers are our class indices
+    with pytest.raises(eight_tasks.DatasetFormatError, match=r"svhn/? \(test split\): column 'labels' must hold "
+                       r"integer labels in \[0, 10\), found int64 values \[8, 9, 10"):
+        load("svhn", "test")
+    with pytest.raises(eight_tasks.DatasetFormatError, match=r"splits \['train', 'validation'\]; expected 'train'"):
+        load("resisc45", "train")
+    with pytest.raises(eight_tasks.DatasetFormatError,
+                       match=r"dtd \(test split\): ClassLabel names of column 'label': unknown class 'volcano'"):
+        load("dtd", "test")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(ImportError, match=r"mnist holds a Hugging Face .*pip install 'fusion_bench\[hf\]'"):
+        load("mnist", "train")

@@ -5,8 +5,6 @@ fixtures, all written to temporary folders."""
 import json
 import random
 import shutil
-import sys
-import types
 
 import pytest
 import torch
@@ -182,16 +180,48 @@ def test_val_carved_from_train(glue_root):
     assert len(glue.carve_val(100_000, 0.1, 5000, 0)[1]) == 5000
 
 
-def test_datasets_save_to_disk_copy(tmp_path, monkeypatch):
-    folder = tmp_path / "glue/RTE"
-    folder.mkdir(parents=True)
-    (folder / "dataset_dict.json").write_text('{"splits": ["train", "validation"]}')
-    rows = {"train": [{"sentence1": "A b.", "sentence2": "C d.", "label": 1, "idx": 0}],
-            "validation": [{"sentence1": "E.", "sentence2": "F.", "label": 0, "idx": 0}]}
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_from_disk=lambda p: rows))
-    [ex] = glue.read_split("rte", tmp_path, "train")
-    assert (ex.source, ex.target) == ("rte sentence1: A b. sentence2: C d.", "not_entailment")
-    assert glue.read_split("rte", tmp_path, "dev")[0].target == "entailment"
+def _hub_glue(task: str, splits: dict[str, list[dict]]):
+    """A `datasets.DatasetDict` with the columns and features of the Hub's nyu-mll/glue `task`."""
+    datasets = pytest.importorskip("datasets")
+    text = {"rte": ("sentence1", "sentence2"), "mnli": ("premise", "hypothesis"), "stsb": ("sentence1", "sentence2")}
+    label = (datasets.Value("float32") if task == "stsb"
+             else datasets.ClassLabel(names=list(glue.HF_LABELS[task])))
+    features = datasets.Features({**{c: datasets.Value("string") for c in text[task]}, "label": label,
+                                  "idx": datasets.Value("int32")})
+    return datasets.DatasetDict({
+        name: datasets.Dataset.from_list([{**r, "idx": i} for i, r in enumerate(rows)], features=features)
+        for name, rows in splits.items()})
+
+
+def test_datasets_save_to_disk_copy(tmp_path):
+    _hub_glue("rte", {"train": [{"sentence1": "A  b.", "sentence2": "C d.", "label": 1},
+                                {"sentence1": "G.", "sentence2": "H.", "label": 0}],
+                      "validation": [{"sentence1": "E.", "sentence2": "F.", "label": 0}],
+                      "test": [{"sentence1": "X.", "sentence2": "Y.", "label": -1}]}).save_to_disk(tmp_path / "glue/RTE")
+    train = glue.read_split("rte", tmp_path, "train")
+    assert [(e.source, e.target) for e in train] == [("rte sentence1: A b. sentence2: C d.", "not_entailment"),
+                                                     ("rte sentence1: G. sentence2: H.", "entailment")]
+    assert [e.target for e in glue.read_split("rte", tmp_path, "dev")] == ["entailment"]
+
+
+def test_hub_parquet_snapshot(tmp_path):
+    """nyu-mll/glue as downloaded from the Hub: glue/<task>/<split>-00000-of-00001.parquet."""
+    mnli = _hub_glue("mnli", {"train": [{"premise": "P.", "hypothesis": "H.", "label": 2}],
+                              "validation_matched": [{"premise": "Q.", "hypothesis": "I.", "label": 1}],
+                              "validation_mismatched": [{"premise": "R.", "hypothesis": "J.", "label": 0}]})
+    stsb = _hub_glue("stsb", {"train": [{"sentence1": "a.", "sentence2": "b.", "label": 3.43}],
+                              "validation": [{"sentence1": "c.", "sentence2": "d.", "label": 4.9}]})
+    for task, dd in (("mnli", mnli), ("stsb", stsb)):
+        for name, ds in dd.items():
+            ds.to_parquet(str(tmp_path / "glue" / task / f"{name}-00000-of-00001.parquet"))
+    assert [(e.source, e.target) for e in glue.read_split("mnli", tmp_path, "train")] == [
+        ("mnli hypothesis: H. premise: P.", "contradiction")]
+    assert [e.target for e in glue.read_split("mnli", tmp_path, "dev")] == ["neutral"]  # validation_matched
+    [ex] = glue.read_split("stsb", tmp_path, "dev")
+    assert (ex.source, ex.target, round(ex.score, 2)) == ("stsb sentence1: c. sentence2: d.", "5.0", 4.9)
+    (tmp_path / "glue/stsb/validation-00000-of-00001.parquet").unlink()
+    with pytest.raises(ValueError, match=r"glue/stsb has the splits \['train'\]; expected 'validation'"):
+        glue.read_split("stsb", tmp_path, "dev")
 
 
 def test_missing_data_names_folder_and_files(tmp_path):

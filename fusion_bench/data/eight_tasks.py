@@ -19,6 +19,12 @@ Each task is read from `paths.data_root` (`taskpool.data_root`) in its usual on-
             (torchvision MNIST(root=<D>/mnist))
   dtd       <D>/dtd/dtd/images/<class>/*.jpg and <D>/dtd/dtd/labels/{train,val,test}1.txt (torchvision
             DTD(root=<D>)); train = train1 + val1, test = test1
+  any task  a Hugging Face `datasets` copy in <D>/<task>/ (needs `pip install 'fusion_bench[hf]'`): a
+            DatasetDict.save_to_disk folder (dataset_dict.json, train/, test/) or the parquet files of a Hub
+            snapshot (data/train-*.parquet and data/test-*.parquet; also <split>-*.parquet or <split>/*.parquet),
+            converted to arrow once and cached in <D>/<task>/.hf_cache. Columns: 'image' or 'img' (an Image
+            feature, decoded per sample) and 'label' or 'labels': ClassLabel names are mapped to our classes by name
+            (any class order), plain integers are taken as our class indices
   any task  an image-folder copy <D>/<task>/{train,test}/<class folder>/*.{jpg,png,...}, class folders named like
             the class (case, spaces, '_', '-', '/' ignored), by EuroSAT's folder names, or by class index (00012)
 
@@ -43,6 +49,7 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset
 
 from . import eight_tasks_names as names
+from .hf_copies import hf_splits, load_hf_split
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +247,51 @@ def _resisc45(task: EightTask, root: Path, split: str) -> Source:
     return Source(_FileList(paths), np.asarray(labels, dtype=np.int64))
 
 
+# ---- Hugging Face `datasets` copies (optional dependency: pip install 'fusion_bench[hf]') --------------------------
+class _HFImages(Dataset):
+    """(PIL RGB image, -1) from the image column of a `datasets.Dataset`, decoded one item at a time."""
+
+    def __init__(self, ds, column: str):
+        self.ds, self.column = ds.select_columns([column]), column
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.ds[i][self.column].convert("RGB"), -1
+
+
+def _hf(task: EightTask, root: Path, split: str) -> Source:
+    splits = hf_splits(root)
+    if "train" not in splits or "test" not in splits:
+        raise DatasetFormatError(f"{task.name}: the Hugging Face copy in {root} has the splits {sorted(splits)}; "
+                                 f"expected 'train' and 'test'")
+    ds = load_hf_split(root, split, splits[split])
+    where = f"{task.name}: {root} ({split} split)"
+    feats = ds.features
+    image = next((c for c in ("image", "img") if c in feats), None)
+    label = next((c for c in ("label", "labels") if c in feats), None)
+    if image is None or label is None:
+        raise DatasetFormatError(f"{where}: columns {list(feats)}; expected an image column 'image' or 'img' and a "
+                                 f"label column 'label' or 'labels'")
+    import datasets
+
+    if not isinstance(feats[image], datasets.Image):
+        raise DatasetFormatError(f"{where}: column {image!r} is {feats[image]}, expected a datasets Image feature")
+    raw = np.asarray(ds.with_format("arrow")[label])
+    names = feats[label].names if isinstance(feats[label], datasets.ClassLabel) else None
+    n = len(task.classnames) if names is None else len(names)
+    if raw.dtype.kind not in "iu" or len(raw) and (raw.min() < 0 or raw.max() >= n):
+        raise DatasetFormatError(f"{where}: column {label!r} must hold integer labels in [0, {n}), found "
+                                 f"{raw.dtype} values {raw[:5].tolist()}...")
+    try:  # a ClassLabel names its classes: map them by name, so any class order works
+        labels = raw.astype(np.int64) if names is None else _remap(task, names, raw)
+    except DatasetFormatError as e:
+        why = str(e).removeprefix(f"{task.name}: ")
+        raise DatasetFormatError(f"{where}: ClassLabel names of column {label!r}: {why}") from None
+    return Source(_HFImages(ds, image), labels)
+
+
 @dataclass(frozen=True)
 class Layout:
     describe: str
@@ -250,6 +302,13 @@ class Layout:
 
 _FOLDER = Layout("image folder <D>/{task}/{train,test}/<class>/*.{jpg,png,...}", ("task",),
                  lambda r: (r / "train").is_dir() and (r / "test").is_dir(), _image_folder)
+
+# a Hugging Face copy is recognised by its own files (dataset_dict.json, *.parquet), so it goes before the image
+# folder, which would also match a save_to_disk folder's train/ and test/
+_HF = Layout("Hugging Face datasets copy: <D>/{task}/ holding a DatasetDict.save_to_disk folder (dataset_dict.json, "
+             "train/, test/) or a Hub snapshot's parquet files (data/{train,test}-*.parquet), with an image column "
+             "'image' or 'img' and a label column 'label' or 'labels' (needs pip install 'fusion_bench[hf]')",
+             ("task",), lambda r: bool(hf_splits(r)), _hf)
 
 LAYOUTS: dict[str, list[Layout]] = {
     "sun397": [Layout("torchvision SUN397: <D>/sun397/SUN397/ClassName.txt, <letter>/<class>/sun_*.jpg and "
@@ -283,7 +342,7 @@ def find_layout(name: str, data_root: str | Path) -> tuple[Layout, Path]:
     data_root = Path(data_root).expanduser()
     task_root = data_root / name
     looked = []
-    for layout in [*LAYOUTS[name], _FOLDER]:
+    for layout in [*LAYOUTS[name], _HF, _FOLDER]:
         for which in layout.roots:
             root = task_root if which == "task" else data_root
             if layout.exists(root):

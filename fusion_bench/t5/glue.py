@@ -1,4 +1,4 @@
-"""GLUE as text-to-text: the official TSV files (or `datasets.save_to_disk` copies) -> (prompt, target) pairs.
+"""GLUE as text-to-text: the official TSV files (or Hugging Face `datasets` copies) -> (prompt, target) pairs.
 
 Prompts and targets follow the T5 paper's GLUE preprocessing, e.g. ``"mrpc sentence1: ... sentence2: ..."`` ->
 ``"equivalent"``; STS-B's score is rounded to the nearest 0.2 (half to even, like ``tf.round``) and written with
@@ -21,6 +21,11 @@ Files read from ``<data_root>/glue/<Folder>/`` (the layout of the official downl
 Files are tab-separated without quoting (quote characters are text); a BOM (MRPC) is ignored; rows with missing
 fields (a few malformed lines in some QQP copies) are skipped with a warning; an unknown label is an error.
 
+A Hugging Face copy is read instead when present (needs ``pip install 'fusion_bench[hf]'``): a
+``DatasetDict.save_to_disk`` folder in ``glue/<Folder>/`` or the parquet files of the Hub's ``nyu-mll/glue`` in
+``glue/<task>/`` (``train-*.parquet``, ``validation-*.parquet``; MNLI ``validation_matched-*.parquet``), with the
+Hub's columns (``sentence1``, ``premise``, ... and the integer ``label``; STS-B's float ``label``).
+
 Metrics: exact match of the generated text against the target (both stripped and lower-cased); for STS-B the
 Spearman correlation between the number parsed from the generated text and the gold score. Text that holds no
 number counts as ``STSB_FALLBACK`` = 0.0 (the bottom of the 0-5 scale); a constant prediction (undefined
@@ -37,6 +42,8 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+
+from fusion_bench.data.hf_copies import hf_splits, load_hf_split
 
 log = logging.getLogger(__name__)
 
@@ -158,32 +165,40 @@ def read_tsv(task: str, path: Path) -> list[Example]:
     return out
 
 
-def _read_hf(task: str, folder: Path, split: str) -> list[Example]:
-    import datasets  # optional: only for save_to_disk copies
-
-    spec, ds = TASKS[task], datasets.load_from_disk(str(folder))
+def _read_hf(task: str, folder: Path, split: str, splits: dict[str, list[Path]]) -> list[Example]:
+    spec = TASKS[task]
     name = "train" if split == "train" else spec.hf_dev
+    if name not in splits:
+        raise ValueError(f"GLUE {task}: the Hugging Face copy in {folder} has the splits {sorted(splits)}; "
+                         f"expected {name!r}")
     labels = HF_LABELS.get(task)
     return [make_example(task, {k: row[c] for k, c in spec.hf_fields.items()},
-                         row["label"] if labels is None else labels[int(row["label"])]) for row in ds[name]]
+                         row["label"] if labels is None else labels[int(row["label"])])
+            for row in load_hf_split(folder, name, splits[name])]
 
 
 def read_split(task: str, data_root: str | Path, split: str) -> list[Example]:
-    """GLUE `train` or `dev` examples of `task`, from the TSV files or a `datasets` save_to_disk folder."""
+    """GLUE `train` or `dev` examples of `task`, from the TSV files or a Hugging Face copy (a `datasets`
+    save_to_disk folder in glue/<Folder>/, or the parquet files of the Hub's nyu-mll/glue in glue/<task>/)."""
     if task not in TASKS:
         raise ValueError(f"unknown GLUE task {task!r}; known: {sorted(TASKS)}")
     folder = task_dir(data_root, task)
-    if (folder / "dataset_dict.json").is_file():
-        try:
-            return _read_hf(task, folder, split)
-        except ImportError:
-            log.warning("%s is a datasets save_to_disk folder but `datasets` is not installed: trying TSV", folder)
     path = folder / ("train.tsv" if split == "train" else TASKS[task].dev_file)
+    for hf in (folder, folder.parent / task):
+        if splits := hf_splits(hf):
+            try:
+                return _read_hf(task, hf, split, splits)
+            except ImportError as e:
+                if not path.is_file():
+                    raise
+                log.warning("%s: reading the TSV files instead", e)
+            break
     if not path.is_file():
         raise FileNotFoundError(
             f"GLUE {task}: {path} not found. Expected {folder}/train.tsv and {folder}/{TASKS[task].dev_file} "
-            f"(the official GLUE download, e.g. download_glue_data.py) or a datasets.save_to_disk copy there; "
-            f"set paths.data_root (taskpool.data_root) to the folder that contains glue/")
+            f"(the official GLUE download, e.g. download_glue_data.py), a datasets.save_to_disk copy there or the "
+            f"Hub's parquet files ({folder.parent / task}/train-*.parquet); set paths.data_root (taskpool.data_root) "
+            f"to the folder that contains glue/")
     return read_tsv(task, path)
 
 
