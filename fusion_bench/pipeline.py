@@ -19,7 +19,7 @@ from rich.progress import track
 from torch import nn
 
 from fusion_bench.data.tasks import Task, known_tasks, load_task
-from fusion_bench.evaluation.accuracy import accuracy
+from fusion_bench.evaluation.accuracy import accuracy, eval_device
 from fusion_bench.evaluation.distributed import distributed_accuracy
 from fusion_bench.finetune.train import cleanup, finetune
 from fusion_bench.models.clip import ImageClassifier, image_norm, load_clip, zero_shot_head
@@ -63,6 +63,7 @@ def validate(cfg: DictConfig, stages=STAGES, known: list[str] | None = None) -> 
     k = cfg.method.get("k")
     if k is not None and not 0 < float(k) <= 1:
         raise ValueError(f"method.k={k} must be in (0, 1]")
+    eval_device(cfg.trainer)  # trainer=gpu on a machine without CUDA
 
 
 @dataclass
@@ -156,8 +157,19 @@ class Experiment:
         clf = ImageClassifier(encoder, self.head(task))
         if "ddp" in str(self.cfg.trainer.get("strategy", "")):
             return distributed_accuracy(clf, t.split(split), t.num_classes, self.cfg.model.eval_batch_size,
-                                        self.cfg.trainer)
-        return accuracy(clf, t.split(split), t.num_classes, self.cfg.model.eval_batch_size)
+                                        self.cfg.trainer, self.num_workers)
+        return accuracy(clf, t.split(split), t.num_classes, self.cfg.model.eval_batch_size, **self.eval_where)
+
+    @property
+    def num_workers(self) -> int:
+        """DataLoader worker processes (taskpool.num_workers: decoding and augmenting image files needs them)."""
+        return int(self.cfg.taskpool.get("num_workers", 0))
+
+    @cached_property
+    def eval_where(self) -> dict:
+        """Where single-process evaluation runs: the trainer's device and precision, the pool's workers."""
+        device, autocast = eval_device(self.cfg.trainer)
+        return {"device": device, "autocast": autocast, "num_workers": self.num_workers}
 
     # ---- finetune stage -------------------------------------------------------------------------------
     def ensure_finetuned(self, task: str) -> Path:
@@ -195,11 +207,12 @@ class Experiment:
     def _train(self, task: str, module: nn.Module, work_dir: Path) -> float:
         """Fine-tune `module` in place on the task; returns seconds per step."""
         return finetune(module, self.head(task), self.tasks[task], self.cfg.model.train, self.cfg.trainer,
-                        self.cfg.seed, work_dir)
+                        self.cfg.seed, work_dir, num_workers=self.num_workers)
 
     def eval_key(self) -> str:
         """What the cached reference accuracies depend on besides the checkpoint."""
-        return config_hash({"taskpool": OmegaConf.to_container(self.cfg.taskpool),
+        pool = {k: v for k, v in OmegaConf.to_container(self.cfg.taskpool).items() if k != "num_workers"}
+        return config_hash({"taskpool": pool,
                             "finetune": OmegaConf.to_container(self.cfg.finetune)})  # posthoc shares checkpoints
 
     def report_extras(self) -> dict:

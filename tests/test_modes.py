@@ -297,3 +297,14 @@ def test_partial_linearization_method(make_cfg):
     assert fn.func.requires_mode == "l_lora" and fn.func.evaluate_linearized is True
     with pytest.raises(ValueError, match="finetune=l_lora"):
         _ = Experiment(make_cfg("finetune=lora", "method=partial_linearization")).method
+
+
+@pytest.mark.parametrize("mode", ["lora", "l_lora"])
+def test_lora_forward_leaves_plain_weights_so_the_model_can_move(tiny64, images64, mode):
+    """peft's MultiheadAttention re-registers its base weights inside functional_call; after an L-LoRA jvp that
+    left functorch-wrapped tensors behind and `.to(device)` (Lightning's teardown, GPU evaluation) failed."""
+    model = build_mode_model(cfg(mode, r=4, alpha=8), tiny64)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(images64).sum().backward()
+    model.to("cpu")  # raised RuntimeError before (walking the modules first, e.g. to inspect them, hid the bug)
+    assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())

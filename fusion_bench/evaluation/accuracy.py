@@ -1,22 +1,54 @@
-"""Top-1 (micro) accuracy of a classifier on a data set."""
+"""Top-1 (micro) accuracy of a classifier on a data set, on the trainer's device and precision."""
 
 from __future__ import annotations
 
 import torch
+from omegaconf import DictConfig
 from rich.progress import track
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassAccuracy
 
 
+def wants_gpu(trainer_cfg: DictConfig) -> bool:
+    accelerator = str(trainer_cfg.get("accelerator", "cpu"))
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def eval_device(trainer_cfg: DictConfig) -> tuple[torch.device, torch.dtype | None]:
+    """Where single-process evaluation runs and its autocast dtype: the trainer's accelerator and precision
+    (trainer=gpu: cuda in bf16 autocast; trainer=cpu: the CPU in fp32)."""
+    if wants_gpu(trainer_cfg) and not torch.cuda.is_available():
+        raise RuntimeError(f"trainer.accelerator={trainer_cfg.get('accelerator')} but torch sees no CUDA GPU "
+                           f"(torch {torch.__version__}); use trainer=cpu")
+    precision = str(trainer_cfg.get("precision", "32"))
+    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else None
+    return torch.device("cuda" if wants_gpu(trainer_cfg) else "cpu"), dtype
+
+
 @torch.no_grad()
-def accuracy(model: nn.Module, dataset: Dataset, num_classes: int, batch_size: int = 256) -> float:
-    """Fraction of correctly classified samples; every sample counted exactly once."""
-    metric = MulticlassAccuracy(num_classes=num_classes, average="micro")
+def predictions(model: nn.Module, dataset: Dataset, batch_size: int = 256, device: torch.device | str = "cpu",
+                autocast: torch.dtype | None = None, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(argmax predictions, labels) over the whole data set, in order. The model is moved to `device` for the
+    pass and back afterwards; eval mode for the pass, its train/eval mode restored."""
+    device = torch.device(device)
+    home = next(model.parameters()).device
     was_training = model.training
-    model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for x, y in track(loader, description="evaluating", transient=True, disable=len(dataset) < 5000):
-        metric.update(model(x).argmax(dim=-1), y)
-    model.train(was_training)
-    return float(metric.compute())
+    model.eval().to(device)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    preds, labels = [], []
+    try:
+        for x, y in track(loader, description="evaluating", transient=True, disable=len(dataset) < 5000):
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                preds.append(model(x.to(device, non_blocking=True)).argmax(dim=-1).cpu())
+            labels.append(torch.as_tensor(y))
+    finally:
+        model.to(home).train(was_training)
+    return torch.cat(preds), torch.cat(labels)
+
+
+def accuracy(model: nn.Module, dataset: Dataset, num_classes: int, batch_size: int = 256, **where) -> float:
+    """Fraction of correctly classified samples; every sample counted exactly once. `where`: see predictions."""
+    pred, y = predictions(model, dataset, batch_size, **where)
+    return float(MulticlassAccuracy(num_classes=num_classes, average="micro")(pred, y))

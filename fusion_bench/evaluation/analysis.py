@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from rich.progress import track
 
+from fusion_bench.evaluation.accuracy import predictions
 from fusion_bench.merging import awd, task_arithmetic
 from fusion_bench.merging.task_vectors import prepare
 from fusion_bench.reporting import plots
@@ -33,15 +34,11 @@ def cosine_matrix(pretrained, finetuned) -> np.ndarray:
     return g / np.outer(norms, norms)
 
 
-@torch.no_grad()
 def _predictions(exp, encoder, task: str, split: str) -> torch.Tensor:
-    from torch.utils.data import DataLoader
-
     from fusion_bench.models.clip import ImageClassifier
 
-    clf = ImageClassifier(encoder, exp.head(task)).eval()
-    loader = DataLoader(exp.tasks[task].split(split), batch_size=exp.cfg.model.eval_batch_size)
-    return torch.cat([clf(x).argmax(-1) for x, _ in loader])
+    clf = ImageClassifier(encoder, exp.head(task))
+    return predictions(clf, exp.tasks[task].split(split), exp.cfg.model.eval_batch_size, **exp.eval_where)[0]
 
 
 def disentanglement_error(exp, task_pair: Sequence[str], grid: Sequence[float], split: str = "test") -> np.ndarray:

@@ -51,8 +51,9 @@ class _Evaluate(L.LightningModule):
 
 
 def distributed_accuracy(classifier: nn.Module, dataset: Dataset, num_classes: int, batch_size: int,
-                         trainer_cfg: DictConfig) -> float:
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=UnrepeatedDistributedSampler(dataset))
+                         trainer_cfg: DictConfig, num_workers: int = 0) -> float:
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=UnrepeatedDistributedSampler(dataset),
+                        num_workers=num_workers)
     trainer: L.Trainer = instantiate(trainer_cfg, logger=False, enable_checkpointing=False,
                                      enable_progress_bar=False, enable_model_summary=False,
                                      use_distributed_sampler=False)

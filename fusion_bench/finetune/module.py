@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import lightning as L
+from lightning.pytorch.accelerators import CUDAAccelerator
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -28,10 +29,10 @@ def cosine_with_warmup(warmup_steps: int, max_steps: int):
 class ClassifierFinetune(L.LightningModule):
     def __init__(self, classifier: ImageClassifier, num_classes: int, lr: float, weight_decay: float,
                  warmup_steps: int, max_steps: int, train_set: Dataset | None = None, batch_size: int = 64,
-                 seed: int = 0):
+                 seed: int = 0, num_workers: int = 0):
         super().__init__()
         self.classifier = classifier
-        self.train_set, self.batch_size, self.seed = train_set, batch_size, seed
+        self.train_set, self.batch_size, self.seed, self.num_workers = train_set, batch_size, seed, num_workers
         self.lr, self.weight_decay = lr, weight_decay
         self.warmup_steps, self.max_steps = warmup_steps, max_steps
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
@@ -40,7 +41,9 @@ class ClassifierFinetune(L.LightningModule):
         # called after a checkpoint is restored, so global_step is where a resumed run continues
         sampler = StepBatchSampler(len(self.train_set), self.batch_size, self.seed, self.max_steps,
                                    start_step=self.trainer.global_step)
-        return DataLoader(self.train_set, batch_sampler=sampler)
+        return DataLoader(self.train_set, batch_sampler=sampler, num_workers=self.num_workers,
+                          pin_memory=isinstance(self.trainer.accelerator, CUDAAccelerator),
+                          persistent_workers=self.num_workers > 0)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.classifier(images)

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def finetune(module: nn.Module, head: torch.Tensor, task: Task, train_cfg: DictConfig, trainer_cfg: DictConfig,
-             seed: int, work_dir: Path, callbacks: list[Callback] = ()) -> float:
+             seed: int, work_dir: Path, callbacks: list[Callback] = (), num_workers: int = 0) -> float:
     """Train `module` in place on the task's train split; returns seconds per step.
 
     work_dir keeps logs and `checkpoints/last.ckpt` (every train.checkpoint_every steps); a rerun after an
@@ -33,7 +33,7 @@ def finetune(module: nn.Module, head: torch.Tensor, task: Task, train_cfg: DictC
     lm = ClassifierFinetune(ImageClassifier(module, head), task.num_classes, lr=train_cfg.lr,
                             weight_decay=train_cfg.weight_decay, warmup_steps=train_cfg.warmup_steps,
                             max_steps=train_cfg.steps, train_set=task.split("train"),
-                            batch_size=train_cfg.batch_size, seed=seed)
+                            batch_size=train_cfg.batch_size, seed=seed, num_workers=num_workers)
     return fit_resumable(lm, train_cfg, trainer_cfg, work_dir, callbacks)
 
 

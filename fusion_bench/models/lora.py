@@ -158,6 +158,16 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
             m._disable_adapters = p
 
 
+def settle_peft_weights(module: nn.Module) -> None:
+    """peft's LoRA MultiheadAttention re-registers its base weights (`_restore_weights`) whenever its
+    named_modules() runs, which functional_call does inside the call: under L-LoRA's jvp that leaves functorch-wrapped
+    tensors registered afterwards, and a later `.to(device)` (Lightning's teardown, evaluation on a GPU) fails with
+    "mutating directly with `.data` inside functorch transform". Walking the modules once after the call
+    re-registers plain tensors of the same values."""
+    for _ in module.modules():
+        pass
+
+
 def lora_function(wrapper: MountedModule, adapters: Mapping[str, torch.Tensor], *args, **kwargs):
     """The LoRA encoder as a function of its adapters: plain layers with weights W_base + s B @ A."""
     module = wrapper._function_module
@@ -196,3 +206,8 @@ class LinearizedLoRA(LinearizedModel):
 
     def function(self, params: Mapping[str, torch.Tensor], *args, **kwargs):
         return lora_function(self, params, *args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        settle_peft_weights(self._function_module)
+        return out

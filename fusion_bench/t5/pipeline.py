@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from fusion_bench.evaluation.accuracy import eval_device
 from fusion_bench.pipeline import Experiment, validate
 from fusion_bench.store import config_hash
 from fusion_bench.t5 import glue
@@ -83,8 +84,7 @@ class T5Experiment(Experiment):
 
     @cached_property
     def device(self) -> torch.device:
-        gpu = torch.cuda.is_available() and self.cfg.trainer.get("accelerator") in ("gpu", "cuda", "auto")
-        return torch.device("cuda" if gpu else "cpu")
+        return eval_device(self.cfg.trainer)[0]
 
     def _eval_settings(self) -> dict:
         m = self.cfg.model
