@@ -63,3 +63,19 @@ def test_autocast_runs_the_model_in_bf16():
     dtypes.clear()
     predictions(model, data, batch_size=64)
     assert dtypes == {torch.float32}
+
+
+@pytest.mark.slow
+def test_bf16_mixed_run_end_to_end(make_cfg, tmp_path):
+    """trainer=gpu's precision path on the CPU: bf16-mixed fine-tuning and bf16 autocast evaluation of a
+    linearized (jvp) model."""
+    from fusion_bench.pipeline import Experiment, run
+
+    cfg = make_cfg("finetune=linear", "trainer.precision=bf16-mixed", "taskpool.tasks=[digits,textures]",
+                   "method.scaling_coef=0.3", "model.train.steps=12", "model.train.warmup_steps=2",
+                   "model.train.batch_size=32", "model.train.checkpoint_every=6")
+    assert Experiment(cfg).eval_where["autocast"] == torch.bfloat16
+    report = run(cfg, tmp_path / "run", "task_arithmetic")
+    for t in ("digits", "textures"):
+        row = report["tasks"][t]
+        assert 0 <= row["merged"] <= 1 and row["finetuned"] > row["zeroshot"]
