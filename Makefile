@@ -1,6 +1,6 @@
 PY ?= python
 
-.PHONY: setup test test-fast run tiny-pretrain bench-merge bench-tiny bench-vit-b32 bench-vit-l14 bench-flan-t5 lint
+.PHONY: setup test test-fast run tiny-pretrain bench-merge bench-finetune bench-tiny bench-vit-b32 bench-vit-l14 bench-flan-t5 lint
 
 setup:          ## install fusion_bench and everything it needs (torch 2.14.1 CPU/CUDA wheel from the pin)
 	$(PY) -m pip install -e '.[dev]'
@@ -20,6 +20,9 @@ tiny-pretrain:  ## re-create fusion_bench/assets/tiny_clip.safetensors (determin
 bench-merge:    ## merge time and peak memory, eight ViT-B/32- and ViT-L/14-sized task vectors
 	$(PY) -m fusion_bench.benchmarks.merge --arch vit_b32
 	$(PY) -m fusion_bench.benchmarks.merge --arch vit_l14
+
+bench-finetune: ## fine-tuning and evaluation images/s, memory and FLOPs per mode of ViT-B/32 (bf16 on a GPU; fp32 on a CPU)
+	$(PY) -m fusion_bench.benchmarks.finetune --arch vit_b32 --json outputs/bench_finetune/vit_b32.json
 
 MODES ?= standard,linear,attention,linear_layers,lora,l_lora
 METHODS ?= task_arithmetic,ties,dare,dare_ties,awd_ta,awd_ties

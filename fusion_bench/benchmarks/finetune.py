@@ -149,9 +149,9 @@ def run_one(arch: str, mode: str, argv: list[str]) -> dict:
 
 def table(rows: list[dict], task_steps: int, task_batch: int) -> str:
     mem = "peak GPU mem (GiB)" if "peak_gpu_mem_gib" in rows[0] else "peak RSS (GiB)"
-    lines = [f"| mode | trainable params | train images/s | s/step (batch {rows[0]['batch_size']}) | {mem} "
-             f"| train GFLOPs/image | eval images/s | one task: {task_steps} x {task_batch} images |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    header = (f"| mode | trainable params | train images/s | s/step (batch {rows[0]['batch_size']}) | {mem} "
+              f"| train GFLOPs/image | eval images/s | one task: {task_steps} x {task_batch} images |")
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         m = r.get("peak_gpu_mem_gib", r["peak_rss_gib"])
         fl = "-" if r["train_gflops_per_image"] is None else f"{r['train_gflops_per_image']:.3g}"
