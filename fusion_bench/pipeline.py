@@ -211,7 +211,8 @@ class Experiment:
 
     def eval_key(self) -> str:
         """What the cached reference accuracies depend on besides the checkpoint."""
-        pool = {k: v for k, v in OmegaConf.to_container(self.cfg.taskpool).items() if k != "num_workers"}
+        pool = {k: v for k, v in OmegaConf.to_container(self.cfg.taskpool).items()
+                if k not in ("num_workers", "cache_eval")}  # how data is read, not what it is
         return config_hash({"taskpool": pool,
                             "finetune": OmegaConf.to_container(self.cfg.finetune)})  # posthoc shares checkpoints
 

@@ -45,7 +45,7 @@ def _write(name, data_root):
 def pool(make_cfg, tmp_path):
     def _pool(*tasks):
         cfg = make_cfg("taskpool=eight_tasks", f"paths.data_root={tmp_path / 'data_root'}",
-                       f"taskpool.tasks=[{','.join(tasks)}]")
+                       f"taskpool.tasks=[{','.join(tasks)}]", "taskpool.num_workers=0")
         return cfg
 
     return _pool
@@ -208,7 +208,7 @@ def test_hugging_face_copy(kind, pool, tmp_path):
     assert (len(train), len(val), len(test)) == (11, 1, 4)
     assert list(test.labels) == [HF_EXPECTED[i % 3] for i in range(4)]  # mapped by ClassLabel name
     assert list(train.labels) + list(val.labels) == [HF_EXPECTED[i % 3] for i in [*train.indices, *val.indices]]
-    assert test.dataset[0][0].mode == "RGB"
+    assert task._load.uncached("test").dataset[0][0].mode == "RGB"
     x, y = next(iter(DataLoader(test, batch_size=4, num_workers=0)))
     assert x.shape == (4, 3, 224, 224) and x.dtype == torch.float32 and y.tolist() == list(test.labels)
     again = pickle.loads(pickle.dumps(test))  # DataLoader workers
@@ -244,3 +244,54 @@ def test_hugging_face_copy_errors(pool, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
     with pytest.raises(ImportError, match=r"mnist holds a Hugging Face .*pip install 'fusion_bench\[hf\]'"):
         load("mnist", "train")
+
+
+def test_eval_splits_decoded_once_into_a_cache_read_back_bitwise(pool, tmp_path, monkeypatch):
+    from fusion_bench.data import eval_cache
+
+    cfg = pool("dtd")
+    fx.write_dtd(tmp_path / "data_root")
+    cfg.taskpool.cache_eval = False
+    plain = load_task(cfg.taskpool, "dtd", MEAN, STD, cfg.paths.data, image_size=224)
+    cfg.taskpool.cache_eval = True
+    cfg.paths.data = str(tmp_path / "cache_home")
+    cached = load_task(cfg.taskpool, "dtd", MEAN, STD, cfg.paths.data, image_size=224)
+    for split in ("val", "test"):
+        ref, got = plain.split(split), cached.split(split)
+        assert isinstance(got, eval_cache.CachedEvalSplit) and not isinstance(ref, eval_cache.CachedEvalSplit)
+        assert np.array_equal(got.labels, ref.labels) and np.array_equal(got.indices, ref.indices)
+        for i in range(len(ref)):  # the open_clip transform, bitwise
+            assert torch.equal(got[i][0], ref[i][0]) and got[i][1] == ref[i][1]
+        a = next(iter(DataLoader(pickle.loads(pickle.dumps(got)), batch_size=4, num_workers=2)))
+        assert torch.equal(a[0], torch.stack([ref[i][0] for i in range(len(a[0]))]))
+    assert not isinstance(cached.split("train"), eval_cache.CachedEvalSplit)  # train augments: never cached
+    files = sorted(p.name for p in (tmp_path / "cache_home" / "eval_cache").iterdir())
+    assert len(files) == 2 and all(f.startswith("dtd-") and f.endswith(".npy") for f in files)
+
+    # a second run reads the cache without decoding an image
+    monkeypatch.setattr(eval_cache._Uint8Images, "__getitem__", lambda *a: pytest.fail("decoded again"))
+    again = load_task(cfg.taskpool, "dtd", MEAN, STD, cfg.paths.data, image_size=224).split("test")
+    assert torch.equal(again[0][0], plain.split("test")[0][0])
+
+
+def test_interrupted_cache_build_leaves_nothing(pool, tmp_path, monkeypatch):
+    from fusion_bench.data import eval_cache
+
+    cfg = pool("mnist")
+    fx.write_mnist(tmp_path / "data_root" / "mnist")
+    cfg.taskpool.cache_eval = True
+    cfg.paths.data = str(tmp_path / "cache_home")
+    real = eval_cache._Uint8Images.__getitem__
+
+    def flaky(self, i):
+        if i == 5:
+            raise KeyboardInterrupt
+        return real(self, i)
+
+    monkeypatch.setattr(eval_cache._Uint8Images, "__getitem__", flaky)
+    task = load_task(cfg.taskpool, "mnist", MEAN, STD, cfg.paths.data, image_size=224)
+    with pytest.raises(KeyboardInterrupt):
+        task.split("test")
+    assert list((tmp_path / "cache_home" / "eval_cache").iterdir()) == []
+    monkeypatch.setattr(eval_cache._Uint8Images, "__getitem__", real)
+    assert len(task.split("test")) == 10

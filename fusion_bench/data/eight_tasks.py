@@ -38,6 +38,7 @@ transform on `train` (unless `taskpool.train_augment=false`) and its test-time t
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections.abc import Callable
@@ -395,8 +396,10 @@ class SplitLoader:
     """Loads the splits of one task lazily (the official train split is read once for train and val)."""
 
     def __init__(self, task: EightTask, layout: Layout, root: Path, image_size, mean, std, train_augment: bool = True,
-                 val_fraction: float = 0.1, max_val: int = 5000, seed: int = 0):
+                 val_fraction: float = 0.1, max_val: int = 5000, seed: int = 0, eval_cache: Path | None = None,
+                 num_workers: int = 0):
         self.task, self.layout, self.root = task, layout, root
+        self.eval_cache, self.num_workers = eval_cache, num_workers  # val / test decoded once into eval_cache
         self.image_size, self.mean, self.std = image_size, mean, std
         self.train_augment, self.val_fraction, self.max_val, self.seed = train_augment, val_fraction, max_val, seed
         self._sources: dict[str, Source] = {}
@@ -412,6 +415,17 @@ class SplitLoader:
         return self._sources[official]
 
     def __call__(self, split: str) -> Dataset:
+        data = self.uncached(split)
+        if split == "train" or self.eval_cache is None:
+            return data
+        from .eval_cache import cached_eval_split
+
+        h = hashlib.sha256(repr((self.task.name, split, str(self.root.resolve()), self.layout.describe,
+                                 repr(data.transform))).encode() + data.indices.tobytes() + data.labels.tobytes())
+        return cached_eval_split(data, f"{self.task.name}-{split}-{h.hexdigest()[:16]}", self.eval_cache,
+                                 self.num_workers)
+
+    def uncached(self, split: str) -> TaskSplit:
         if split not in ("train", "val", "test"):
             raise KeyError(f"unknown split {split!r}; expected train, val or test")
         if split == "test":

@@ -75,6 +75,8 @@ def load_task(taskpool: DictConfig, name: str, mean, std, data_dir: str | Path, 
             val_fraction=float(taskpool.get("val_fraction", 0.1)),
             max_val=int(taskpool.get("max_val", 5000)),
             seed=int(taskpool.get("split_seed", 0)),
+            eval_cache=Path(data_dir) / "eval_cache" if taskpool.get("cache_eval") else None,
+            num_workers=int(taskpool.get("num_workers", 0)),
         )
         return Task(name, list(spec.classnames), list(spec.templates), loader)
     raise ValueError(f"unknown task pool source taskpool.source={taskpool.source!r}")
