@@ -336,6 +336,18 @@ def test_end_to_end_standard(make_cfg, tiny_t5, glue_root, tmp_path):
     again = run(_cfg(make_cfg, tiny_t5, glue_root, "stage=evaluate", f"method.scaling_coef={report['scaling_coef']}"),
                 tmp_path / "run2", "task_arithmetic")
     assert again["tasks"] == report["tasks"]
+    # analyses reuse the fine-tunes: cosine of the flattened task vectors, computed here independently
+    cos = run(_cfg(make_cfg, tiny_t5, glue_root, "stage=analyze", "analysis=cosine"), tmp_path / "a1", "ta")
+    from transformers import T5ForConditionalGeneration
+
+    pre = T5ForConditionalGeneration.from_pretrained(tiny_t5).state_dict()
+    stored = [load_safetensors(next((tmp_path / f"store/tiny_t5/standard/{t}").glob("*.safetensors")))
+              for t in ("rte", "stsb")]
+    taus = [torch.cat([(v.double() - pre[k].double()).flatten() for k, v in sorted(s.items())]) for s in stored]
+    expected = float(taus[0] @ taus[1] / (taus[0].norm() * taus[1].norm()))
+    assert cos["cosine"][0][1] == pytest.approx(expected, abs=1e-6) and (tmp_path / "a1/cosine.png").is_file()
+    with pytest.raises(ValueError, match="analysis=cosine or analysis=num_tasks"):
+        run(_cfg(make_cfg, tiny_t5, glue_root, "stage=analyze", "analysis=disentanglement"), tmp_path / "a2", "ta")
 
 
 @pytest.mark.parametrize("mode,method", [("lora", "ties"), ("l_lora", "partial_linearization")])

@@ -35,7 +35,7 @@ from fusion_bench.t5.train import Seq2SeqCollator, finetune_t5
 
 log = logging.getLogger(__name__)
 
-T5_STAGES = ("finetune", "merge", "evaluate", "all")
+T5_STAGES = ("finetune", "merge", "evaluate", "all", "analyze")
 
 
 def validate_t5(cfg: DictConfig) -> None:
@@ -44,6 +44,9 @@ def validate_t5(cfg: DictConfig) -> None:
     if cfg.finetune.mode not in MODES:
         raise ValueError(f"finetune={cfg.finetune.mode} is not available for T5; use one of {MODES}")
     validate(cfg, stages=T5_STAGES, known=sorted(glue.TASKS))
+    if cfg.stage == "analyze" and cfg.analysis.kind not in ("cosine", "num_tasks"):
+        raise ValueError(f"analysis={cfg.analysis.kind} compares image-classifier predictions; for T5 use "
+                         f"analysis=cosine or analysis=num_tasks")
 
 
 class T5Experiment(Experiment):
