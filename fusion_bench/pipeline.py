@@ -20,7 +20,7 @@ from torch import nn
 
 from fusion_bench.data.tasks import Task, known_tasks, load_task
 from fusion_bench.evaluation.accuracy import accuracy, eval_device
-from fusion_bench.evaluation.distributed import distributed_accuracy
+from fusion_bench.evaluation.distributed import distributed_accuracies, distributed_accuracy
 from fusion_bench.finetune.train import cleanup, finetune
 from fusion_bench.models.clip import ImageClassifier, image_norm, load_clip, zero_shot_head
 from fusion_bench.models import modes
@@ -155,10 +155,14 @@ class Experiment:
     def acc(self, encoder: nn.Module, task: str, split: str) -> float:
         t = self.tasks[task]
         clf = ImageClassifier(encoder, self.head(task))
-        if "ddp" in str(self.cfg.trainer.get("strategy", "")):
+        if self.ddp:
             return distributed_accuracy(clf, t.split(split), t.num_classes, self.cfg.model.eval_batch_size,
                                         self.cfg.trainer, self.num_workers)
         return accuracy(clf, t.split(split), t.num_classes, self.cfg.model.eval_batch_size, **self.eval_where)
+
+    @property
+    def ddp(self) -> bool:
+        return "ddp" in str(self.cfg.trainer.get("strategy", ""))
 
     @property
     def num_workers(self) -> int:
@@ -244,6 +248,12 @@ class Experiment:
 
     def merged_accuracies(self, merged: dict, split: str) -> dict[str, float]:
         enc = self.model_with(merged, linearized=self.evaluate_linearized)
+        if self.ddp:  # every task in one start of the ranks
+            tasks = list(self.tasks)
+            return dict(zip(tasks, distributed_accuracies(
+                [ImageClassifier(enc, self.head(t)) for t in tasks], [self.tasks[t].split(split) for t in tasks],
+                [self.tasks[t].num_classes for t in tasks], self.cfg.model.eval_batch_size, self.cfg.trainer,
+                self.num_workers)))
         return {t: self.acc(enc, t, split) for t in self.tasks}
 
 

@@ -30,6 +30,23 @@ def test_ddp_evaluation_counts_every_sample_once(make_cfg):
     assert ddp == single  # exactly: 333 samples, each counted once
 
 
+def test_ddp_evaluates_several_tasks_in_one_start_of_the_ranks(make_cfg, monkeypatch):
+    import lightning as L
+
+    exp = Experiment(make_cfg("taskpool.tasks=[shapes,colors,digits]", "trainer=ddp", "trainer.accelerator=cpu",
+                              "trainer.precision=32-true", "trainer.devices=2"))
+    single = Experiment(make_cfg("taskpool.tasks=[shapes,colors,digits]"))
+    pre = single.pretrained_state
+    sizes = {"shapes": 101, "colors": 77, "digits": 133}  # odd and different: per-task counting, no padding
+    for e in (exp, single):
+        for t, n in sizes.items():
+            e.tasks[t]._cache["val"] = Subset(e.tasks[t].split("val"), range(n))
+    starts, test = [], L.Trainer.test
+    monkeypatch.setattr(L.Trainer, "test", lambda self, *a, **k: starts.append(1) or test(self, *a, **k))
+    assert exp.merged_accuracies(pre, "val") == single.merged_accuracies(pre, "val")  # exactly, per task
+    assert len(starts) == 1
+
+
 @pytest.mark.slow
 def test_ddp_finetune_matches_single_process(make_cfg, tmp_path):
     fast = ["taskpool.tasks=[textures]", "model.train.steps=30", "model.train.warmup_steps=3",

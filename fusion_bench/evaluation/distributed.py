@@ -37,25 +37,35 @@ class UnrepeatedDistributedSampler(Sampler[int]):
 
 
 class _Evaluate(L.LightningModule):
-    def __init__(self, classifier: nn.Module, num_classes: int):
-        super().__init__()
-        self.classifier = classifier
-        self.acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+    """Accuracy of one or more classifiers, the i-th on the i-th test dataloader."""
 
-    def test_step(self, batch, batch_idx):
+    def __init__(self, classifiers: list[nn.Module], num_classes: list[int]):
+        super().__init__()
+        self.classifiers = nn.ModuleList(classifiers)  # shared submodules (one encoder, many heads) are kept once
+        self.accs = nn.ModuleList(MulticlassAccuracy(num_classes=n, average="micro") for n in num_classes)
+
+    def test_step(self, batch, batch_idx, dataloader_idx=0):
         x, y = batch
-        self.acc.update(self.classifier(x).argmax(-1), y)
+        self.accs[dataloader_idx].update(self.classifiers[dataloader_idx](x).argmax(-1), y)
 
     def on_test_epoch_end(self):
-        self.log("acc", self.acc.compute(), sync_dist=False)  # torchmetrics already summed over ranks
+        for i, acc in enumerate(self.accs):  # torchmetrics sums the per-rank counts itself
+            self.log(f"acc/{i}", acc.compute(), sync_dist=False, add_dataloader_idx=False)
+
+
+def distributed_accuracies(classifiers: list[nn.Module], datasets: list[Dataset], num_classes: list[int],
+                           batch_size: int, trainer_cfg: DictConfig, num_workers: int = 0) -> list[float]:
+    """Accuracy of classifiers[i] on datasets[i], all in ONE start of the trainer's ranks (ddp_spawn starts them
+    per call, which costs seconds), every sample counted exactly once."""
+    loaders = [DataLoader(d, batch_size=batch_size, sampler=UnrepeatedDistributedSampler(d), num_workers=num_workers)
+               for d in datasets]
+    trainer: L.Trainer = instantiate(trainer_cfg, logger=False, enable_checkpointing=False,
+                                     enable_progress_bar=False, enable_model_summary=False,
+                                     use_distributed_sampler=False)
+    trainer.test(_Evaluate(classifiers, num_classes), dataloaders=loaders, verbose=False)
+    return [float(trainer.callback_metrics[f"acc/{i}"]) for i in range(len(classifiers))]
 
 
 def distributed_accuracy(classifier: nn.Module, dataset: Dataset, num_classes: int, batch_size: int,
                          trainer_cfg: DictConfig, num_workers: int = 0) -> float:
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=UnrepeatedDistributedSampler(dataset),
-                        num_workers=num_workers)
-    trainer: L.Trainer = instantiate(trainer_cfg, logger=False, enable_checkpointing=False,
-                                     enable_progress_bar=False, enable_model_summary=False,
-                                     use_distributed_sampler=False)
-    (result,) = trainer.test(_Evaluate(classifier, num_classes), dataloaders=loader, verbose=False)
-    return float(result["acc"])
+    return distributed_accuracies([classifier], [dataset], [num_classes], batch_size, trainer_cfg, num_workers)[0]

@@ -53,6 +53,7 @@ class T5Experiment(Experiment):
     """The CLIP Experiment over a T5: its own model, modes, tasks, metric and training; the rest is inherited."""
 
     modes = t5_modes
+    ddp = False  # generation-based evaluation runs in one process (trainer=ddp still fine-tunes on every rank)
 
     def report_extras(self) -> dict:
         return {"metrics": {t: "spearman" if glue.TASKS[t].targets is None else "exact_match" for t in self.tasks}}
