@@ -20,7 +20,7 @@ from torch import nn
 
 from fusion_bench.data.tasks import Task, known_tasks, load_task
 from fusion_bench.evaluation.accuracy import accuracy, eval_device
-from fusion_bench.evaluation.distributed import distributed_accuracies, distributed_accuracy
+from fusion_bench.evaluation.distributed import distributed_accuracies
 from fusion_bench.finetune.train import cleanup, finetune
 from fusion_bench.models.clip import ImageClassifier, image_norm, load_clip, zero_shot_head
 from fusion_bench.models import modes
@@ -153,12 +153,20 @@ class Experiment:
         return self.modes.eval_model(self.mode_cfg, self.encoder, merged, linearized)
 
     def acc(self, encoder: nn.Module, task: str, split: str) -> float:
-        t = self.tasks[task]
-        clf = ImageClassifier(encoder, self.head(task))
         if self.ddp:
-            return distributed_accuracy(clf, t.split(split), t.num_classes, self.cfg.model.eval_batch_size,
-                                        self.cfg.trainer, self.num_workers)
-        return accuracy(clf, t.split(split), t.num_classes, self.cfg.model.eval_batch_size, **self.eval_where)
+            return self.accuracies([(encoder, task, split)])[0]
+        t = self.tasks[task]
+        return accuracy(ImageClassifier(encoder, self.head(task)), t.split(split), t.num_classes,
+                        self.cfg.model.eval_batch_size, **self.eval_where)
+
+    def accuracies(self, runs: list[tuple[nn.Module, str, str]]) -> list[float]:
+        """Accuracy of each (encoder, task, split); under DDP all of them in one start of the ranks."""
+        if not self.ddp:
+            return [self.acc(*r) for r in runs]
+        return distributed_accuracies(
+            [ImageClassifier(enc, self.head(t)) for enc, t, _ in runs], [self.tasks[t].split(s) for _, t, s in runs],
+            [self.tasks[t].num_classes for _, t, _ in runs], self.cfg.model.eval_batch_size, self.cfg.trainer,
+            self.num_workers)
 
     @property
     def ddp(self) -> bool:
@@ -236,8 +244,9 @@ class Experiment:
         if path.is_file():
             return json.loads(path.read_text())
         ft = self.model_with(self.finetuned_state(task), linearized=lin)
-        res = {f"{name}_{split}": self.acc(enc, task, split)
-               for name, enc in (("zeroshot", self.encoder), ("finetuned", ft)) for split in ("val", "test")}
+        runs = {f"{name}_{split}": (enc, task, split)
+                for name, enc in (("zeroshot", self.encoder), ("finetuned", ft)) for split in ("val", "test")}
+        res = dict(zip(runs, self.accuracies(list(runs.values()))))
         atomic_write_text(path, json.dumps(res))
         return res
 
@@ -248,13 +257,7 @@ class Experiment:
 
     def merged_accuracies(self, merged: dict, split: str) -> dict[str, float]:
         enc = self.model_with(merged, linearized=self.evaluate_linearized)
-        if self.ddp:  # every task in one start of the ranks
-            tasks = list(self.tasks)
-            return dict(zip(tasks, distributed_accuracies(
-                [ImageClassifier(enc, self.head(t)) for t in tasks], [self.tasks[t].split(split) for t in tasks],
-                [self.tasks[t].num_classes for t in tasks], self.cfg.model.eval_batch_size, self.cfg.trainer,
-                self.num_workers)))
-        return {t: self.acc(enc, t, split) for t in self.tasks}
+        return dict(zip(self.tasks, self.accuracies([(enc, t, split) for t in self.tasks])))
 
 
 def _normalized_mean(acc: dict[str, float], ref: dict[str, dict], split: str) -> float:

@@ -30,11 +30,12 @@ def test_ddp_evaluation_counts_every_sample_once(make_cfg):
     assert ddp == single  # exactly: 333 samples, each counted once
 
 
-def test_ddp_evaluates_several_tasks_in_one_start_of_the_ranks(make_cfg, monkeypatch):
+def test_ddp_evaluates_several_tasks_in_one_start_of_the_ranks(make_cfg, monkeypatch, tmp_path):
     import lightning as L
 
     exp = Experiment(make_cfg("taskpool.tasks=[shapes,colors,digits]", "trainer=ddp", "trainer.accelerator=cpu",
-                              "trainer.precision=32-true", "trainer.devices=2"))
+                              "trainer.precision=32-true", "trainer.devices=2",
+                              f"paths.store={tmp_path / 'ddp_store'}"))  # its own reference-accuracy cache
     single = Experiment(make_cfg("taskpool.tasks=[shapes,colors,digits]"))
     pre = single.pretrained_state
     sizes = {"shapes": 101, "colors": 77, "digits": 133}  # odd and different: per-task counting, no padding
@@ -45,6 +46,11 @@ def test_ddp_evaluates_several_tasks_in_one_start_of_the_ranks(make_cfg, monkeyp
     monkeypatch.setattr(L.Trainer, "test", lambda self, *a, **k: starts.append(1) or test(self, *a, **k))
     assert exp.merged_accuracies(pre, "val") == single.merged_accuracies(pre, "val")  # exactly, per task
     assert len(starts) == 1
+    for e in (exp, single):  # references: zero-shot and fine-tuned on val and test, also one start per task
+        e.tasks["shapes"]._cache["test"] = Subset(e.tasks["shapes"].split("test"), range(59))
+        e.finetuned_state = lambda task: pre
+    assert exp.reference_accuracies("shapes") == single.reference_accuracies("shapes")
+    assert len(starts) == 2
 
 
 @pytest.mark.slow
