@@ -273,6 +273,23 @@ def test_greedy_decode_equals_generate(tiny_t5):
     assert a == b and all(isinstance(t, str) for t in a)
 
 
+def test_generation_under_bf16_autocast(tiny_t5):
+    """trainer=gpu's evaluation precision, on the CPU: every linear layer of the decoder loop computes in bf16."""
+    from fusion_bench.t5.model import T5Logits, generate_texts, load_t5
+
+    model, tok = load_t5(OmegaConf.create({"name": "tiny", "pretrained": str(tiny_t5)}))
+    dtypes = set()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(lambda m, i, out: dtypes.add(out.dtype))
+    texts = generate_texts(T5Logits(model), tok, ["rte sentence1: a cat. sentence2: a dog."], 4, 64, 4,
+                           autocast=torch.bfloat16)
+    assert dtypes == {torch.bfloat16} and len(texts) == 1
+    dtypes.clear()
+    generate_texts(T5Logits(model), tok, ["rte sentence1: a cat. sentence2: a dog."], 4, 64, 4)
+    assert dtypes == {torch.float32}
+
+
 def test_lora_modes_start_at_the_pretrained_model_and_fold_exactly(tiny_t5):
     from fusion_bench.t5.model import T5Logits, load_t5
     from fusion_bench.t5.modes import build_mode_model, eval_model, to_merge_space, trainable_state
@@ -390,13 +407,17 @@ def test_interrupted_finetune_resumes_to_identical_weights(make_cfg, tiny_t5, gl
 
 
 def test_config_errors(make_cfg, tiny_t5, glue_root, tmp_path, monkeypatch):
-    from fusion_bench.t5.pipeline import validate_t5
+    from fusion_bench.t5.pipeline import T5Experiment, validate_t5
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(ValueError, match="not available for T5"):
         validate_t5(_cfg(make_cfg, tiny_t5, glue_root, "finetune=attention"))
     with pytest.raises(ValueError, match="unknown task"):
         validate_t5(_cfg(make_cfg, tiny_t5, glue_root, "taskpool.tasks=[rte,wnli]"))
+    with pytest.raises(ValueError, match="overflow float16"):
+        validate_t5(_cfg(make_cfg, tiny_t5, glue_root, "trainer.precision=16-mixed"))
+    bf16 = T5Experiment(_cfg(make_cfg, tiny_t5, glue_root, "trainer.precision=bf16-mixed"))
+    assert bf16.eval_where == {"device": torch.device("cpu"), "autocast": torch.bfloat16}
     with pytest.raises(ValueError, match="use taskpool=glue"):
         validate_t5(make_cfg("model=tiny_t5"))
     for name in ("flan_t5_base", "flan_t5_large"):

@@ -152,8 +152,11 @@ def greedy_decode(model: nn.Module, input_ids, attention_mask, start_id: int, eo
 
 @torch.no_grad()
 def generate_texts(model: nn.Module, tokenizer, sources: list[str], batch_size: int, max_source_length: int,
-                   max_new_tokens: int, device: torch.device | str = "cpu") -> list[str]:
-    """Greedy generations for `sources`: `generate` (with KV cache) for a plain T5Logits, else `greedy_decode`."""
+                   max_new_tokens: int, device: torch.device | str = "cpu",
+                   autocast: torch.dtype | None = None) -> list[str]:
+    """Greedy generations for `sources`: `generate` (with KV cache) for a plain T5Logits, else `greedy_decode`;
+    under `autocast` (the trainer's bf16) when given."""
+    device = torch.device(device)
     was_training = model.training
     model.eval().to(device)
     cfg = model.t5.config if isinstance(model, T5Logits) else None
@@ -161,18 +164,22 @@ def generate_texts(model: nn.Module, tokenizer, sources: list[str], batch_size: 
     for i in range(0, len(sources), batch_size):
         enc = tokenizer(sources[i:i + batch_size], padding=True, truncation=True, max_length=max_source_length,
                         return_tensors="pt").to(device)
-        if isinstance(model, T5Logits):
-            ids = model.t5.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, do_sample=False,
-                                    num_beams=1, max_new_tokens=max_new_tokens,
-                                    decoder_start_token_id=cfg.decoder_start_token_id,
-                                    eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
-        else:
-            t5cfg = _t5_config(model)
-            ids = greedy_decode(model, enc.input_ids, enc.attention_mask, t5cfg.decoder_start_token_id,
-                                t5cfg.eos_token_id, t5cfg.pad_token_id, max_new_tokens)
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            ids = _greedy(model, cfg, enc, max_new_tokens)
         texts += tokenizer.batch_decode(ids, skip_special_tokens=True)
     model.train(was_training)
     return [t.strip() for t in texts]
+
+
+def _greedy(model: nn.Module, cfg, enc, max_new_tokens: int) -> torch.Tensor:
+    if isinstance(model, T5Logits):
+        return model.t5.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, do_sample=False,
+                                 num_beams=1, max_new_tokens=max_new_tokens,
+                                 decoder_start_token_id=cfg.decoder_start_token_id,
+                                 eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
+    t5cfg = _t5_config(model)
+    return greedy_decode(model, enc.input_ids, enc.attention_mask, t5cfg.decoder_start_token_id,
+                         t5cfg.eos_token_id, t5cfg.pad_token_id, max_new_tokens)
 
 
 def _t5_config(model: nn.Module):

@@ -20,7 +20,6 @@ import logging
 from functools import cached_property
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -43,6 +42,9 @@ def validate_t5(cfg: DictConfig) -> None:
         raise ValueError(f"model={cfg.model.name} is a T5 model: use taskpool=glue (got taskpool={cfg.taskpool.name})")
     if cfg.finetune.mode not in MODES:
         raise ValueError(f"finetune={cfg.finetune.mode} is not available for T5; use one of {MODES}")
+    if str(cfg.trainer.get("precision", "32")).startswith("16"):
+        raise ValueError(f"trainer.precision={cfg.trainer.precision}: T5's activations overflow float16 (inf/NaN "
+                         f"losses); use bf16-mixed or 32-true")
     validate(cfg, stages=T5_STAGES, known=sorted(glue.TASKS))
     if cfg.stage == "analyze" and cfg.analysis.kind not in ("cosine", "num_tasks"):
         raise ValueError(f"analysis={cfg.analysis.kind} compares image-classifier predictions; for T5 use "
@@ -87,8 +89,10 @@ class T5Experiment(Experiment):
         return OmegaConf.create(ft)
 
     @cached_property
-    def device(self) -> torch.device:
-        return eval_device(self.cfg.trainer)[0]
+    def eval_where(self) -> dict:
+        """Where generation runs and its autocast dtype (trainer=gpu: cuda in bf16)."""
+        device, autocast = eval_device(self.cfg.trainer)
+        return {"device": device, "autocast": autocast}
 
     def _eval_settings(self) -> dict:
         m = self.cfg.model
@@ -105,7 +109,7 @@ class T5Experiment(Experiment):
         """Exact match (Spearman for STS-B) of greedy generations on the task's split."""
         m, t = self.cfg.model, self.tasks[task]
         preds = generate_texts(model, self.tokenizer, [e.source for e in t.split(split)], m.eval_batch_size,
-                               m.max_source_length, m.max_new_tokens, self.device)
+                               m.max_source_length, m.max_new_tokens, **self.eval_where)
         model.to("cpu")
         return t.score(preds, split)
 
