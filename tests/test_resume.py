@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from fusion_bench.finetune import train
-from fusion_bench.finetune.sampler import StepBatchSampler
+from fusion_bench.finetune.sampler import SeededAugmentation, StepBatchSampler
 from fusion_bench.pipeline import Experiment
 from fusion_bench.store import load_safetensors
 
@@ -27,6 +27,48 @@ def test_step_sampler_is_a_function_of_the_step():
     assert len(full) == 20 and all(len(b) == 8 for b in full)
     epoch0 = sorted(i for b in full[:6] for i in b)
     assert len(set(epoch0)) == 48  # no sample twice within an epoch
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """open_clip's real train-time transform (random resized crop) on fixed images."""
+
+    def __init__(self):
+        from PIL import Image
+
+        from fusion_bench.data.eight_tasks import clip_transform
+
+        g = torch.Generator().manual_seed(0)
+        self.images = [Image.fromarray(torch.randint(0, 256, (40, 48, 3), generator=g, dtype=torch.uint8).numpy())
+                       for _ in range(12)]
+        self.transform = clip_transform(24, (0.5,) * 3, (0.5,) * 3, train=True)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i]), i
+
+
+def _batches(start_step: int, workers: int) -> list[torch.Tensor]:
+    sampler = StepBatchSampler(12, 4, seed=5, max_steps=9, start_step=start_step, with_seeds=True)
+    loader = torch.utils.data.DataLoader(SeededAugmentation(_Augmented()), batch_sampler=sampler,
+                                         num_workers=workers)
+    return list(loader)
+
+
+def test_augmentation_is_a_function_of_the_step_with_any_workers():
+    one = _batches(0, workers=0)
+    crops = [x for (xs, ids) in one for x, i in zip(xs, ids) if i == 0]  # sample 0, once per epoch
+    assert len(crops) == 3 and not torch.equal(crops[0], crops[1])  # a new random crop each time
+    two = _batches(0, workers=2)
+    resumed = _batches(5, workers=2)  # a resume restarts the workers and their RNGs
+    for a, b in zip(one, two, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(one[5:], resumed, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    state = torch.get_rng_state()
+    SeededAugmentation(_Augmented())[(0, 1)]
+    assert torch.equal(state, torch.get_rng_state())  # the caller's RNG is untouched
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from fusion_bench.finetune.sampler import StepBatchSampler
+from fusion_bench.finetune.sampler import SeededAugmentation, StepBatchSampler
 
 from fusion_bench.models.clip import ImageClassifier
 
@@ -40,8 +40,8 @@ class ClassifierFinetune(L.LightningModule):
     def train_dataloader(self) -> DataLoader:
         # called after a checkpoint is restored, so global_step is where a resumed run continues
         sampler = StepBatchSampler(len(self.train_set), self.batch_size, self.seed, self.max_steps,
-                                   start_step=self.trainer.global_step)
-        return DataLoader(self.train_set, batch_sampler=sampler, num_workers=self.num_workers,
+                                   start_step=self.trainer.global_step, with_seeds=True)
+        return DataLoader(SeededAugmentation(self.train_set), batch_sampler=sampler, num_workers=self.num_workers,
                           pin_memory=isinstance(self.trainer.accelerator, CUDAAccelerator),
                           persistent_workers=self.num_workers > 0)
 

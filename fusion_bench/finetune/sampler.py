@@ -1,19 +1,24 @@
 """The batch of global step s is a pure function of (seed, s), so an interrupted fine-tune resumed at step s
-sees exactly the batches an uninterrupted one would, on any number of ranks."""
+sees exactly the batches an uninterrupted one would, on any number of ranks. With `with_seeds` each sample also
+carries a seed for its random augmentation (SeededAugmentation), so the augmented images are a function of
+(seed, s) too, whatever the number of DataLoader workers (whose own RNGs restart with every resume)."""
 
 from __future__ import annotations
 
+import random
+
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
 
 class StepBatchSampler(Sampler[list[int]]):
-    def __init__(self, n: int, batch_size: int, seed: int, max_steps: int, start_step: int = 0):
+    def __init__(self, n: int, batch_size: int, seed: int, max_steps: int, start_step: int = 0,
+                 with_seeds: bool = False):
         if batch_size > n:
             raise ValueError(f"batch size {batch_size} is larger than the training set ({n} samples)")
         self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.max_steps, self.start_step = max_steps, start_step
+        self.max_steps, self.start_step, self.with_seeds = max_steps, start_step, with_seeds
         self.steps_per_epoch = n // batch_size  # the last partial batch of each epoch is dropped
 
     def _perm(self, epoch: int) -> torch.Tensor:
@@ -26,8 +31,33 @@ class StepBatchSampler(Sampler[list[int]]):
             e, i = divmod(step, self.steps_per_epoch)
             if e != epoch:
                 epoch, perm = e, self._perm(e)
-            batch = perm[i * self.batch_size : (i + 1) * self.batch_size]
-            yield batch[rank::world].tolist()  # each rank its share of the global batch
+            batch = perm[i * self.batch_size : (i + 1) * self.batch_size].tolist()
+            if self.with_seeds:  # one seed per position of the global batch
+                base = (self.seed * 1_000_003 + step) * 65_537
+                batch = [(idx, base + j) for j, idx in enumerate(batch)]
+            yield batch[rank::world]  # each rank its share of the global batch
 
     def __len__(self) -> int:
         return max(0, self.max_steps - self.start_step)
+
+
+class SeededAugmentation(Dataset):
+    """dataset[i] computed with torch's and Python's RNGs seeded by the sample's seed: keys are (index, seed)
+    pairs from StepBatchSampler(with_seeds=True). The caller's RNG states are left as they were."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        py_state = random.getstate()  # some transforms draw from Python's random
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                return self.dataset[index]
+        finally:
+            random.setstate(py_state)
