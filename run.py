@@ -6,11 +6,11 @@ from pathlib import Path
 # OpenMP threads that spin while waiting make torch many times slower on a busy 2-core machine.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import hydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
 
-from fusion_bench.pipeline import run  # noqa: E402
+from fusion_bench.pipeline import run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

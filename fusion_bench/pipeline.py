@@ -22,8 +22,8 @@ from fusion_bench.data.tasks import Task, known_tasks, load_task
 from fusion_bench.evaluation.accuracy import accuracy, eval_device
 from fusion_bench.evaluation.distributed import distributed_accuracies
 from fusion_bench.finetune.train import cleanup, finetune
-from fusion_bench.models.clip import ImageClassifier, image_norm, load_clip, zero_shot_head
 from fusion_bench.models import modes
+from fusion_bench.models.clip import ImageClassifier, image_norm, load_clip, zero_shot_head
 from fusion_bench.reporting.report import write_report
 from fusion_bench.store import (
     CheckpointError,

@@ -9,8 +9,8 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -55,7 +55,7 @@ def load_safetensors(path: str | Path, check_finite: bool = True) -> dict[str, t
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"corrupted or truncated checkpoint {path}: {e}. Delete it and re-run.") from e
     if check_finite:

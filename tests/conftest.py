@@ -2,11 +2,11 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 

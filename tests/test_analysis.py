@@ -39,7 +39,7 @@ def test_summary_gathers_a_multirun(tmp_path):
         (tmp_path / str(i)).mkdir()
         (tmp_path / str(i) / "report.json").write_text(json.dumps(_report(c, {"a": 0.2 + c, "b": 0.5 - c})))
     summarize(tmp_path)
-    rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
+    rows = list(csv.DictReader((tmp_path / "summary.csv").read_text().splitlines()))
     assert [r["scaling_coef"] for r in rows] == ["0.0", "0.05", "0.15", "0.3"]
     assert float(rows[2]["merged"]) == pytest.approx(0.35)
     assert "0.15000000000000002" not in (tmp_path / "summary.md").read_text()

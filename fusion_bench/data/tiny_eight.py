@@ -5,8 +5,8 @@ Each task has class names, prompt templates (plain format strings) and determini
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch

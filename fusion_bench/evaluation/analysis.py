@@ -7,8 +7,8 @@ import itertools
 import json
 import logging
 import random
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch

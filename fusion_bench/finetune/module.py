@@ -5,14 +5,13 @@ from __future__ import annotations
 import math
 
 import lightning as L
-from lightning.pytorch.accelerators import CUDAAccelerator
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from fusion_bench.finetune.sampler import SeededAugmentation, StepBatchSampler
-
 from fusion_bench.models.clip import ImageClassifier
 
 

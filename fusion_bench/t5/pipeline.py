@@ -27,8 +27,8 @@ from fusion_bench.evaluation.accuracy import eval_device
 from fusion_bench.pipeline import Experiment, validate
 from fusion_bench.store import config_hash
 from fusion_bench.t5 import glue
-from fusion_bench.t5.model import T5Logits, generate_texts, load_t5
 from fusion_bench.t5 import modes as t5_modes
+from fusion_bench.t5.model import T5Logits, generate_texts, load_t5
 from fusion_bench.t5.modes import MODES
 from fusion_bench.t5.train import Seq2SeqCollator, finetune_t5
 
