@@ -24,6 +24,7 @@ from fusion_bench.evaluation.distributed import distributed_accuracies
 from fusion_bench.finetune.train import cleanup, finetune
 from fusion_bench.models import modes
 from fusion_bench.models.clip import ImageClassifier, image_norm, load_clip, zero_shot_head
+from fusion_bench.models.imported import finetuned_source, import_encoder
 from fusion_bench.reporting.report import write_report
 from fusion_bench.store import (
     CheckpointError,
@@ -64,6 +65,17 @@ def validate(cfg: DictConfig, stages=STAGES, known: list[str] | None = None) -> 
     if k is not None and not 0 < float(k) <= 1:
         raise ValueError(f"method.k={k} must be in (0, 1]")
     eval_device(cfg.trainer)  # trainer=gpu on a machine without CUDA
+    spec = cfg.get("finetuned_from")
+    if spec:
+        if modes.training_config(cfg.finetune)["mode"] != "standard":
+            raise ValueError(f"finetuned_from gives whole fine-tuned image encoders: use finetune=standard (or "
+                             f"finetune=linear finetune.posthoc=true), not finetune={cfg.finetune.mode}")
+        if isinstance(spec, str) and "{task}" not in spec and len(tasks) > 1:
+            raise ValueError(f"finetuned_from={spec!r} names one checkpoint for {len(tasks)} tasks: put {{task}} "
+                             f"where the task name goes, or give a task -> path mapping")
+        absent = [f"{t}: {p}" for t in tasks if (p := finetuned_source(spec, t)) is not None and not p.exists()]
+        if absent:
+            raise FileNotFoundError("finetuned_from: no such fine-tuned checkpoint(s):\n  " + "\n  ".join(absent))
 
 
 @dataclass
@@ -146,7 +158,14 @@ class Experiment:
         trained = modes.training_config(c.finetune)
         hp = {"train": OmegaConf.to_container(c.model.train), "finetune": trained,
               "pool": f"{c.taskpool.name}-v{c.taskpool.get('version')}", "weights": str(c.model.get("pretrained"))}
+        src = self.imported(task)
+        if src is not None:  # a fine-tune researchers already have: keyed by where it came from
+            hp = {"imported": str(src.resolve()), "weights": hp["weights"]}
         return self.store.path(c.model.name, trained["mode"], task, c.seed, hp)
+
+    def imported(self, task: str) -> Path | None:
+        """The fine-tuned encoder given for `task` by finetuned_from, if any."""
+        return finetuned_source(self.cfg.get("finetuned_from"), task)
 
     def model_with(self, merged: dict[str, torch.Tensor], linearized: bool = False) -> nn.Module:
         """An encoder at the given merge-space weights (a fine-tune or a merge)."""
@@ -189,6 +208,13 @@ class Experiment:
         if path.is_file():
             log.info("reusing fine-tune %s", path)
             return path
+        src = self.imported(task)
+        if src is not None:
+            state = import_encoder(src, self.modes.trainable_state(self.base))
+            self.store.save(path, state, {"task": task, "mode": "standard", "model": self.cfg.model.name,
+                                          "imported_from": str(src.resolve())})
+            log.info("imported fine-tune of %s from %s -> %s", task, src, path)
+            return path
         module = self.modes.build_mode_model(self.mode_cfg, self.encoder)
         work_dir = path.with_suffix(".partial")
         sec = self._train(task, module, work_dir)
@@ -202,6 +228,8 @@ class Experiment:
 
     def finetuned_state(self, task: str) -> dict[str, torch.Tensor]:
         path = self.checkpoint(task)
+        if not path.is_file() and self.imported(task) is not None:
+            self.ensure_finetuned(task)  # an import is read, not trained: any stage does it
         if not path.is_file():
             raise MissingFinetuneError(
                 f"missing fine-tune for task {task!r} (mode {self.cfg.finetune.mode}, seed {self.cfg.seed}): {path}\n"

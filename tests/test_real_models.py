@@ -235,3 +235,32 @@ def test_task_vectors_pickle_refused_without_flag_then_converted(tmp_path):
         with pytest.raises(ValueError, match="no tensors|could not be read"):
             hf_import.import_task_vectors_pickle(tmp_path / evil, tmp_path / "x.safetensors", allow_unsafe_pickle=True)
     assert not marker.exists()  # even with the flag, no pickled callable is ever run
+
+
+@pytest.mark.parametrize("layout", ["transformers5", "transformers4"])
+def test_published_clip_vision_model_folder_imports_as_a_fine_tune(small_arch, tmp_path, layout):
+    """finetuned_from with a transformers CLIPVisionModel folder (the published eight-task fine-tunes' format):
+    the imported encoder computes the transformers model's features; the projection, which a CLIPVisionModel
+    lacks, stays the pretrained one. transformers 5 saves its keys as `embeddings...`; the published fine-tunes,
+    saved by transformers 4, as `vision_model.embeddings...`."""
+    from fusion_bench.models.imported import import_encoder
+
+    vcfg = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                         num_attention_heads=2, image_size=32, patch_size=16,
+                                         hidden_act="quick_gelu")
+    torch.manual_seed(3)
+    hf = transformers.CLIPVisionModel(vcfg).eval()
+    hf.save_pretrained(tmp_path / "clip-vit-small_digits")
+    weights = tmp_path / "clip-vit-small_digits" / "model.safetensors"
+    flat = {k.removeprefix("vision_model."): v for k, v in load_file(str(weights)).items()}
+    save_file(flat if layout == "transformers5" else {f"vision_model.{k}": v for k, v in flat.items()}, str(weights))
+    model = create_clip(small_arch).eval()
+    pretrained = {k: v.detach().clone() for k, v in model.visual.named_parameters()}
+    state = import_encoder(tmp_path / "clip-vit-small_digits", pretrained)
+    assert set(state) == set(pretrained) and torch.equal(state["proj"], pretrained["proj"])
+    model.visual.load_state_dict(state)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours = model.visual(x)
+        theirs = hf(pixel_values=x).pooler_output @ pretrained["proj"]
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=0), (ours - theirs).abs().max()

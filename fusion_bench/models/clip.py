@@ -316,8 +316,8 @@ def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], source, 
     if state and all(k.startswith("visual.") for k in state) and any(not k.startswith("visual.") for k in expected):
         raise WeightsFormatError(
             f"{source} holds only an image encoder (visual.* keys); model.pretrained needs a whole CLIP (the text "
-            "tower builds the zero-shot heads). Use it as a fine-tuned encoder, or convert a full transformers "
-            "CLIPModel instead of a CLIPVisionModel."
+            "tower builds the zero-shot heads). Merge it as a fine-tuned encoder with finetuned_from=..., or convert a "
+            "full transformers CLIPModel instead of a CLIPVisionModel."
         )
     missing = sorted(expected - set(state))
     unexpected = sorted(set(state) - expected)

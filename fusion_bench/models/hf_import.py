@@ -67,12 +67,18 @@ class UnsafePickleRefused(PermissionError):
     pass
 
 
+_FLAT_VISION = "embeddings.patch_embedding.weight"  # transformers >= 5 saves CLIPVisionModel without `vision_model.`
+
+
 def is_hf_clip_state(state) -> bool:
-    return any(k.startswith(("vision_model.", "text_model.")) for k in state)
+    return _FLAT_VISION in state or any(k.startswith(("vision_model.", "text_model.")) for k in state)
 
 
 def hf_to_open_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers CLIP(Vision)Model state dict -> open_clip CLIP key names (vision under `visual.`)."""
+    """transformers CLIP(Vision)Model state dict -> open_clip CLIP key names (vision under `visual.`). Reads the
+    CLIPVisionModel layouts of transformers 4 (`vision_model.embeddings...`) and 5 (`embeddings...`)."""
+    if _FLAT_VISION in state:
+        state = {f"vision_model.{k}": v for k, v in state.items()}
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[str, int, str], dict[str, torch.Tensor]] = {}
     unknown = []

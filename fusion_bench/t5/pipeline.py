@@ -40,6 +40,8 @@ T5_STAGES = ("finetune", "merge", "evaluate", "all", "analyze")
 def validate_t5(cfg: DictConfig) -> None:
     if cfg.taskpool.get("source") != "glue":
         raise ValueError(f"model={cfg.model.name} is a T5 model: use taskpool=glue (got taskpool={cfg.taskpool.name})")
+    if cfg.get("finetuned_from"):
+        raise ValueError("finetuned_from imports CLIP image encoders; for T5, fine-tune with stage=finetune")
     if cfg.finetune.mode not in MODES:
         raise ValueError(f"finetune={cfg.finetune.mode} is not available for T5; use one of {MODES}")
     if str(cfg.trainer.get("precision", "32")).startswith("16"):
