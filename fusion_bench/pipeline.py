@@ -13,6 +13,7 @@ from pathlib import Path
 
 import open_clip
 import torch
+from filelock import FileLock
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import track
@@ -204,10 +205,20 @@ class Experiment:
 
     # ---- finetune stage -------------------------------------------------------------------------------
     def ensure_finetuned(self, task: str) -> Path:
+        """The stored fine-tune of `task`, made first if absent. Jobs that want the same one at once (parallel
+        sweeps, SLURM arrays on a shared file system) take turns on a lock: one trains, the others reuse it."""
         path = self.checkpoint(task)
         if path.is_file():
             log.info("reusing fine-tune %s", path)
             return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path.with_suffix(".lock"))):
+            if path.is_file():
+                log.info("reusing fine-tune %s (made by a concurrent job)", path)
+                return path
+            return self._make_finetune(task, path)
+
+    def _make_finetune(self, task: str, path: Path) -> Path:
         src = self.imported(task)
         if src is not None:
             state = import_encoder(src, self.modes.trainable_state(self.base))

@@ -91,3 +91,23 @@ def test_same_seed_same_report_and_foreign_task_vectors_refused(make_cfg, tmp_pa
     shutil.copy(mine.checkpoint("textures"), foreign.checkpoint("textures"))
     with pytest.raises(CheckpointError, match="fine-tuned from another pretrained model"):
         foreign.finetuned_state("textures")
+
+
+@pytest.mark.slow
+def test_parallel_jobs_wanting_the_same_fine_tune_train_it_once(tmp_path):
+    """Two joblib workers of one sweep need the same fine-tune at the same time: one trains, the other waits on
+    the store's lock and reuses it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "run.py", "-m", "stage=finetune", "method=task_arithmetic,ties", "taskpool.tasks=[colors]",
+           "model.train.steps=20", "model.train.warmup_steps=2", "model.train.batch_size=16",
+           f"paths.root={tmp_path}", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    subprocess.run(cmd, cwd=root, check=True, timeout=600, capture_output=True)
+    logs = [p.read_text() for p in sorted((tmp_path / "multirun").glob("*/*/*/run.log"))]
+    assert len(logs) == 2
+    assert sum("fine-tuned colors" in log for log in logs) == 1
+    assert sum("reusing fine-tune" in log for log in logs) == 1  # (made by a concurrent job) unless it came late
+    assert len(list((tmp_path / "store").rglob("*.safetensors"))) == 1
