@@ -1,6 +1,6 @@
 PY ?= python
 
-.PHONY: setup test test-fast run tiny-pretrain bench-merge bench-finetune bench-tiny bench-vit-b32 bench-vit-l14 bench-flan-t5 lint
+.PHONY: setup test test-fast run tiny-pretrain bench-merge bench-finetune bench-tiny bench-vit-b32 bench-vit-b32-imported bench-vit-l14 bench-flan-t5 lint
 
 setup:          ## install fusion_bench and everything it needs (torch 2.14.1 CPU/CUDA wheel from the pin)
 	$(PY) -m pip install -e '.[dev]'
@@ -33,6 +33,10 @@ bench-tiny:     ## every mode x every method on tiny_eight (CPU), one combined s
 
 bench-vit-b32:  ## the papers' protocol on ViT-B/32 (needs weights in paths.cache_dir and data in paths.data_root)
 	$(PY) run.py $(SWEEP) model=vit_b32 taskpool=eight_tasks trainer=gpu
+
+bench-vit-b32-imported: ## every method on the eight ViT-B/32 fine-tunes you already have (FINETUNED_FROM=/ckpts/clip-vit-base-patch32_{task})
+	$(PY) run.py -m method=$(METHODS) method.scaling_coef=search model=vit_b32 taskpool=eight_tasks trainer=gpu \
+	    "finetuned_from='$(FINETUNED_FROM)'"
 
 bench-vit-l14:
 	$(PY) run.py $(SWEEP) model=vit_l14 taskpool=eight_tasks trainer=gpu model.train.batch_size=64
