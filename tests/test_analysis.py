@@ -44,3 +44,20 @@ def test_summary_gathers_a_multirun(tmp_path):
     assert float(rows[2]["merged"]) == pytest.approx(0.35)
     assert "0.15000000000000002" not in (tmp_path / "summary.md").read_text()
     assert (tmp_path / "accuracy_vs_coef_tiny_clip_standard_task_arithmetic.png").stat().st_size > 10_000
+
+
+def test_summary_of_searched_runs_in_job_order(tmp_path):
+    """A modes x methods sweep with coefficient search: rows in job order (0, 1, ..., 11, not 0, 1, 10, 11, 2),
+    one search-curve plot per finetune mode, one normalized-accuracy heatmap."""
+    grid = [0.0, 0.5, 1.0]
+    jobs = [(mode, method) for mode in ("standard", "lora") for method in ("task_arithmetic", "ties", "dare")] * 2
+    for i, (mode, method) in enumerate(jobs):
+        rep = _report(0.5, {"a": 0.3 + 0.01 * i}, method)
+        rep.update(finetune=mode, search={"grid": grid, "val_normalized": [0.1, 0.4, 0.2]})
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "report.json").write_text(json.dumps(rep))
+    summarize(tmp_path)
+    rows = list(csv.DictReader((tmp_path / "summary.csv").read_text().splitlines()))
+    assert [r["run"] for r in rows] == [f"{i}/report.json" for i in range(12)]
+    for name in ("search_tiny_clip_standard.png", "search_tiny_clip_lora.png", "normalized_tiny_clip.png"):
+        assert (tmp_path / name).stat().st_size > 10_000

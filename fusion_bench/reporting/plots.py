@@ -22,11 +22,13 @@ def _save(fig, path: Path) -> Path:
 
 
 def heatmap(matrix: np.ndarray, labels: Sequence[str], title: str, path: Path, fmt: str = ".2f",
-            vmin=None, vmax=None, cmap: str = "viridis") -> Path:
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(labels), 0.8 + 0.6 * len(labels)))
+            vmin=None, vmax=None, cmap: str = "viridis", row_labels: Sequence[str] | None = None) -> Path:
+    """matrix[i, j] in a cell, labels on the columns (and the rows, unless row_labels are given)."""
+    rows = labels if row_labels is None else row_labels
+    fig, ax = plt.subplots(figsize=(1.6 + 0.7 * len(labels), 0.8 + 0.6 * len(rows)))
     im = ax.imshow(matrix, vmin=vmin, vmax=vmax, cmap=cmap)
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
+    ax.set_yticks(range(len(rows)), rows)
     for i in range(matrix.shape[0]):
         for j in range(matrix.shape[1]):
             ax.text(j, i, format(matrix[i, j], fmt), ha="center", va="center", fontsize=7,

@@ -15,6 +15,7 @@ import logging
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 from hydra.experimental.callback import Callback
 
 from fusion_bench.reporting import plots
@@ -24,9 +25,14 @@ log = logging.getLogger(__name__)
 FIELDS = ("model", "finetune", "method", "taskpool", "scaling_coef", "zeroshot", "finetuned", "merged", "normalized")
 
 
+def _natural(path: Path) -> tuple:
+    """Job folders in numeric order: 0, 1, 2, ..., 10 (not 0, 1, 10, 2)."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.parts)
+
+
 def load_reports(root: Path) -> list[dict]:
     reports = []
-    for path in sorted(Path(root).rglob("report*.json")):
+    for path in sorted(Path(root).rglob("report*.json"), key=lambda p: _natural(p.relative_to(root))):
         rep = json.loads(path.read_text())
         rep["_path"] = str(path.relative_to(root))
         reports.append(rep)
@@ -78,8 +84,31 @@ def summarize(root: str | Path) -> Path | None:
         series["average"] = [r["average"]["merged"] for r in reps]
         plots.curves(xs, series, f"{method} | {model} | finetune={mode}", "scaling coefficient", "test accuracy",
                      root / f"accuracy_vs_coef_{model}_{mode}_{method}.png")
+    _search_plots(reports, root)
     log.info("summary of %d runs written to %s", len(table), root / "summary.md")
     return root / "summary.md"
+
+
+def _search_plots(reports: list[dict], root: Path) -> None:
+    """For runs that searched the coefficient: the val curves of every method, one plot per (model, finetune),
+    and the test normalized accuracy of every finetune x method, one heatmap per model."""
+    searched = [r for r in reports if r.get("search")]
+    curves, cells = defaultdict(dict), defaultdict(dict)
+    for r in searched:
+        curves[(r["model"], r["finetune"])][r["method"]] = r["search"]
+        cells[r["model"]][(r["finetune"], r["method"])] = r["average"]["normalized"]
+    for (model, mode), by_method in curves.items():
+        grid = next(iter(by_method.values()))["grid"]
+        plots.curves(grid, {m: s["val_normalized"] for m, s in by_method.items() if s["grid"] == grid},
+                     f"coefficient search | {model} | finetune={mode}", "scaling coefficient",
+                     "val normalized accuracy", root / f"search_{model}_{mode}.png")
+    for model, cell in cells.items():
+        modes, methods = list(dict.fromkeys(k[0] for k in cell)), list(dict.fromkeys(k[1] for k in cell))
+        if len(modes) * len(methods) < 2:
+            continue
+        matrix = np.array([[cell.get((a, b), np.nan) for b in methods] for a in modes])
+        plots.heatmap(matrix, methods, f"test normalized accuracy | {model}", root / f"normalized_{model}.png",
+                      row_labels=modes, cmap="viridis")
 
 
 class SummaryCallback(Callback):
