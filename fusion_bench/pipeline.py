@@ -160,8 +160,8 @@ class Experiment:
         hp = {"train": OmegaConf.to_container(c.model.train), "finetune": trained,
               "pool": f"{c.taskpool.name}-v{c.taskpool.get('version')}", "weights": str(c.model.get("pretrained"))}
         src = self.imported(task)
-        if src is not None:  # a fine-tune researchers already have: keyed by where it came from
-            hp = {"imported": str(src.resolve()), "weights": hp["weights"]}
+        if src is not None:  # a fine-tune researchers already have: keyed by where it came from and when
+            hp = {"imported": str(src.resolve()), "mtime_ns": src.stat().st_mtime_ns, "weights": hp["weights"]}
         return self.store.path(c.model.name, trained["mode"], task, c.seed, hp)
 
     def imported(self, task: str) -> Path | None:
