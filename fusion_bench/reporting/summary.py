@@ -92,9 +92,10 @@ def summarize(root: str | Path) -> Path | None:
 def _search_plots(reports: list[dict], root: Path) -> None:
     """For runs that searched the coefficient: the val curves of every method, one plot per (model, finetune),
     and the test normalized accuracy of every finetune x method, one heatmap per model."""
-    searched = [r for r in reports if r.get("search")]
     curves, cells = defaultdict(dict), defaultdict(dict)
-    for r in searched:
+    for r in reports:
+        if not r.get("search"):
+            continue
         curves[(r["model"], r["finetune"])][r["method"]] = r["search"]
         cells[r["model"]][(r["finetune"], r["method"])] = r["average"]["normalized"]
     for (model, mode), by_method in curves.items():
@@ -108,7 +109,7 @@ def _search_plots(reports: list[dict], root: Path) -> None:
             continue
         matrix = np.array([[cell.get((a, b), np.nan) for b in methods] for a in modes])
         plots.heatmap(matrix, methods, f"test normalized accuracy | {model}", root / f"normalized_{model}.png",
-                      row_labels=modes, cmap="viridis")
+                      row_labels=modes)
 
 
 class SummaryCallback(Callback):

@@ -20,6 +20,7 @@ import logging
 from functools import cached_property
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -44,7 +45,7 @@ def validate_t5(cfg: DictConfig) -> None:
         raise ValueError("finetuned_from imports CLIP image encoders; for T5, fine-tune with stage=finetune")
     if cfg.finetune.mode not in MODES:
         raise ValueError(f"finetune={cfg.finetune.mode} is not available for T5; use one of {MODES}")
-    if str(cfg.trainer.get("precision", "32")).startswith("16"):
+    if eval_device(cfg.trainer)[1] is torch.float16:
         raise ValueError(f"trainer.precision={cfg.trainer.precision}: T5's activations overflow float16 (inf/NaN "
                          f"losses); use bf16-mixed or 32-true")
     validate(cfg, stages=T5_STAGES, known=sorted(glue.TASKS))
