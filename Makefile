@@ -1,6 +1,6 @@
 PY ?= python
 
-.PHONY: setup test test-fast run tiny-pretrain bench-merge bench-finetune bench-tiny bench-vit-b32 bench-vit-b32-imported bench-vit-l14 bench-flan-t5 lint
+.PHONY: setup test test-fast run tiny-pretrain bench-quick bench-merge bench-finetune bench-tiny bench-vit-b32 bench-vit-b32-imported bench-vit-l14 bench-flan-t5 lint
 
 setup:          ## install fusion_bench and everything it needs (torch 2.14.1 CPU/CUDA wheel from the pin)
 	$(PY) -m pip install -e '.[dev]'
@@ -16,6 +16,9 @@ run:            ## the default offline experiment
 
 tiny-pretrain:  ## re-create fusion_bench/assets/tiny_clip.safetensors (deterministic)
 	$(PY) -m fusion_bench.models.tiny_pretrain
+
+bench-quick:    ## the headline figures in < 2 min: s/step, cached rerun, search cost, TIES ViT-B/32, eval images/s
+	$(PY) -m fusion_bench.benchmarks.quick
 
 bench-merge:    ## merge time and peak memory, eight ViT-B/32- and ViT-L/14-sized task vectors
 	$(PY) -m fusion_bench.benchmarks.merge --arch vit_b32

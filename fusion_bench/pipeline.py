@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
 import time
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import open_clip
@@ -16,13 +15,22 @@ import torch
 from filelock import FileLock
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from rich.progress import track
 from torch import nn
 
+from fusion_bench import keys
 from fusion_bench.data.tasks import Task, known_tasks, load_task
 from fusion_bench.evaluation.accuracy import accuracy, eval_device
-from fusion_bench.evaluation.distributed import distributed_accuracies
+from fusion_bench.evaluation.distributed import distributed_accuracies, distributed_grid_accuracies
+from fusion_bench.evaluation.search import (
+    GRID,
+    CoefficientGrid,
+    affine_in_coef,
+    grid_correct,
+    normalized_mean,
+)
 from fusion_bench.finetune.train import cleanup, finetune
+from fusion_bench.merging.consensus import tall_mask_lambda_grid, tall_masks
+from fusion_bench.merging.task_specific import TaskSpecificMerge
 from fusion_bench.models import modes
 from fusion_bench.models.clip import ImageClassifier, image_norm, load_clip, zero_shot_head
 from fusion_bench.models.imported import finetuned_source, import_encoder
@@ -32,14 +40,13 @@ from fusion_bench.store import (
     CheckpointStore,
     atomic_save_safetensors,
     atomic_write_text,
-    config_hash,
     read_metadata,
 )
 
 log = logging.getLogger(__name__)
 
 STAGES = ("finetune", "merge", "evaluate", "all", "analyze")
-SEARCH_GRID = [round(0.05 * i, 2) for i in range(21)]
+SEARCH_GRID = GRID
 
 
 class MissingFinetuneError(FileNotFoundError):
@@ -129,11 +136,10 @@ class Experiment:
 
     @cached_property
     def fingerprint(self) -> str:
-        """A short hash of the pretrained weights, stored with each fine-tune to catch foreign task vectors."""
-        h = hashlib.sha256()
-        for k in sorted(self.pretrained_state)[:16]:
-            h.update(k.encode() + self.pretrained_state[k].float().numpy().tobytes()[:65536])
-        return h.hexdigest()[:16]
+        """A hash of every pretrained weight a fine-tune starts from: the whole encoder and the mode's trainable
+        start (for LoRA modes the adapters' init, which does not depend on W0). Part of the store key, and stored
+        with each fine-tune to catch foreign task vectors."""
+        return keys.fingerprint(self.encoder.state_dict(), self.modes.trainable_state(self.base))
 
     @cached_property
     def method(self):
@@ -155,14 +161,17 @@ class Experiment:
         return self._heads[task]
 
     def checkpoint(self, task: str) -> Path:
-        c = self.cfg
-        trained = modes.training_config(c.finetune)
-        hp = {"train": OmegaConf.to_container(c.model.train), "finetune": trained,
-              "pool": f"{c.taskpool.name}-v{c.taskpool.get('version')}", "weights": str(c.model.get("pretrained"))}
+        trained = modes.training_config(self.mode_cfg)
         src = self.imported(task)
         if src is not None:  # a fine-tune researchers already have: keyed by where it came from and when
-            hp = {"imported": str(src.resolve()), "mtime_ns": src.stat().st_mtime_ns, "weights": hp["weights"]}
-        return self.store.path(c.model.name, trained["mode"], task, c.seed, hp)
+            return self.store.path(self.cfg.model.name, "standard", task, self.cfg.seed,
+                                   keys.imported_fields(src, self.fingerprint))
+        return self.store.path(self.cfg.model.name, trained["mode"], task, self.cfg.seed,
+                               keys.finetune_fields(self.cfg, trained, self.fingerprint, **self.key_extras(task)))
+
+    def key_extras(self, task: str) -> dict:
+        """Model-family specific fields of a fine-tune's key."""
+        return {}
 
     def imported(self, task: str) -> Path | None:
         """The fine-tuned encoder given for `task` by finetuned_from, if any."""
@@ -185,7 +194,7 @@ class Experiment:
             return [self.acc(*r) for r in runs]
         return distributed_accuracies(
             [ImageClassifier(enc, self.head(t)) for enc, t, _ in runs], [self.tasks[t].split(s) for _, t, s in runs],
-            [self.tasks[t].num_classes for _, t, _ in runs], self.cfg.model.eval_batch_size, self.cfg.trainer,
+            [self.tasks[t].num_classes for _, t, _ in runs], self.cfg.model.eval_batch_size, self.eval_trainer,
             self.num_workers)
 
     @property
@@ -198,9 +207,15 @@ class Experiment:
         return int(self.cfg.taskpool.get("num_workers", 0))
 
     @cached_property
+    def eval_trainer(self) -> DictConfig:
+        """The trainer evaluation runs with: the fine-tuning trainer at `eval_precision` (fp32 by default)."""
+        precision = self.cfg.get("eval_precision") or self.cfg.trainer.get("precision", "32-true")
+        return OmegaConf.merge(self.cfg.trainer, {"precision": precision})
+
+    @cached_property
     def eval_where(self) -> dict:
-        """Where single-process evaluation runs: the trainer's device and precision, the pool's workers."""
-        device, autocast = eval_device(self.cfg.trainer)
+        """Where single-process evaluation runs: the trainer's device at eval_precision, the pool's workers."""
+        device, autocast = eval_device(self.eval_trainer)
         return {"device": device, "autocast": autocast, "num_workers": self.num_workers}
 
     # ---- finetune stage -------------------------------------------------------------------------------
@@ -231,7 +246,8 @@ class Experiment:
         sec = self._train(task, module, work_dir)
         meta = {"task": task, "mode": self.cfg.finetune.mode, "model": self.cfg.model.name,
                 "pretrained": self.fingerprint,
-                "seed": self.cfg.seed, "seconds_per_step": round(sec, 4)}
+                "seed": self.cfg.seed, "seconds_per_step": round(sec, 4),
+                "trainer": {k: str(self.cfg.trainer.get(k)) for k in ("accelerator", "devices", "precision")}}
         self.store.save(path, self.modes.trainable_state(module.cpu()), meta)
         cleanup(work_dir)
         log.info("fine-tuned %s in %.3f s/step -> %s", task, sec, path)
@@ -262,10 +278,9 @@ class Experiment:
 
     def eval_key(self) -> str:
         """What the cached reference accuracies depend on besides the checkpoint."""
-        pool = {k: v for k, v in OmegaConf.to_container(self.cfg.taskpool).items()
-                if k not in ("num_workers", "cache_eval")}  # how data is read, not what it is
-        return config_hash({"taskpool": pool,
-                            "finetune": OmegaConf.to_container(self.cfg.finetune)})  # posthoc shares checkpoints
+        device, autocast = self.eval_where["device"], self.eval_where["autocast"]
+        return keys.reference_key(self.cfg, {"device": device.type, "autocast": str(autocast),
+                                             "linearized": self.evaluate_linearized})
 
     def report_extras(self) -> dict:
         """Model-family specific report fields."""
@@ -279,7 +294,7 @@ class Experiment:
     def reference_accuracies(self, task: str) -> dict[str, float]:
         """Zero-shot and individual fine-tuned accuracy (val and test), cached next to the checkpoint."""
         lin = self.evaluate_linearized  # normalized accuracy compares like with like
-        path = self.checkpoint(task).with_suffix(f".eval-{self.eval_key()}{'-lin' if lin else ''}.json")
+        path = self.checkpoint(task).with_suffix(f".eval-{self.eval_key()}.json")
         if path.is_file():
             return json.loads(path.read_text())
         ft = self.model_with(self.finetuned_state(task), linearized=lin)
@@ -290,17 +305,74 @@ class Experiment:
         return res
 
     # ---- merge stage ------------------------------------------------------------------------------------
-    def merge(self, finetuned: list[dict], scaling_coef) -> dict[str, torch.Tensor]:
-        kwargs = {"scaling_coef": scaling_coef} if "scaling_coef" in inspect.signature(self.method).parameters else {}
-        return self.method(self.pretrained_state, finetuned, **kwargs)
+    def merge(self, finetuned: list[dict], scaling_coef, **hp) -> dict[str, torch.Tensor] | TaskSpecificMerge:
+        """The method's merge; `hp` overrides its YAML (the pipeline's choice of TALL lambdas)."""
+        if "scaling_coef" in inspect.signature(self.method).parameters:
+            hp["scaling_coef"] = scaling_coef
+        return self.method(self.pretrained_state, finetuned, **{**self.chosen, **hp})
 
-    def merged_accuracies(self, merged: dict, split: str) -> dict[str, float]:
-        enc = self.model_with(merged, linearized=self.evaluate_linearized)
-        return dict(zip(self.tasks, self.accuracies([(enc, t, split) for t in self.tasks])))
+    @cached_property
+    def chosen(self) -> dict:
+        """Hyper-parameters the pipeline picked on val (TALL lambdas), passed to every merge."""
+        return {}
+
+    def merged_accuracies(self, merged: dict | TaskSpecificMerge, split: str,
+                          tasks: list[str] | None = None) -> dict[str, float]:
+        """Accuracy of a merge on each task; a task-specific merge (TALL masks, EMR) is evaluated on task i of
+        `tasks` with its task i weights, one encoder at a time."""
+        tasks = list(tasks or self.tasks)
+        lin = self.evaluate_linearized
+        if not isinstance(merged, TaskSpecificMerge):
+            enc = self.model_with(merged, linearized=lin)
+            return dict(zip(tasks, self.accuracies([(enc, t, split) for t in tasks])))
+        if self.ddp:
+            return dict(zip(tasks, self.accuracies([(self.model_with(merged.task_weights(i), lin), t, split)
+                                                    for i, t in enumerate(tasks)])))
+        return {t: self.acc(self.model_with(merged.task_weights(i), lin), t, split) for i, t in enumerate(tasks)}
+
+    def choose_tall_lambdas(self, finetuned: list[dict]) -> list[float]:
+        """TALL's lambda_t for each task: of tall_mask_lambda_grid, the one whose mask gives task t the best val
+        accuracy of theta_0 + m_t * tau_MTL (Wang et al. 2024); ties go to the smaller lambda."""
+        base = {k: self.cfg.method[k] for k in ("base", "ties_k") if k in self.cfg.method}
+        val = {lam: self.merged_accuracies(tall_masks(self.pretrained_state, finetuned, lambdas=lam, **base), "val")
+               for lam in tall_mask_lambda_grid}
+        for lam, accs in val.items():
+            log.info("TALL lambda %.1f: val accuracy %s", lam, {t: round(a, 4) for t, a in accs.items()})
+        return [max(tall_mask_lambda_grid, key=lambda lam: val[lam][t]) for t in self.tasks]
+
+    fast_search = True  # accuracy is an argmax over head logits: CoefficientGrid applies
+
+    def grid_accuracies(self, finetuned: list[dict], grid: list[float], split: str = "val",
+                        tasks: list[str] | None = None) -> list[dict[str, float]]:
+        """acc[i][task]: accuracy of the merge of `finetuned` at scaling_coef grid[i] (see evaluation/search.py)."""
+        tasks = list(tasks or self.tasks)
+        if not (self.fast_search and affine_in_coef(self.method)):
+            return [self.merged_accuracies(self.merge(finetuned, c), split, tasks) for c in grid]
+        lin = self.evaluate_linearized
+        line = CoefficientGrid(self.model_with(self.pretrained_state, linearized=lin), self.pretrained_state,
+                               self.merge(finetuned, 1.0), grid,
+                               partial(modes.reload, finetune_cfg=self.mode_cfg, base=self.base, linearized=lin))
+        if self.ddp:
+            acc = distributed_grid_accuracies(line, [self.head(t) for t in tasks],
+                                              [self.tasks[t].split(split) for t in tasks],
+                                              [self.tasks[t].num_classes for t in tasks],
+                                              self.cfg.model.eval_batch_size, self.eval_trainer, self.num_workers)
+        else:
+            acc = [grid_correct(line, self.head(t), self.tasks[t].split(split), self.cfg.model.eval_batch_size,
+                                description=f"search on {t} {split}", **self.eval_where) for t in tasks]
+        return [{t: acc[i][j] for i, t in enumerate(tasks)} for j in range(len(grid))]
 
 
-def _normalized_mean(acc: dict[str, float], ref: dict[str, dict], split: str) -> float:
-    return sum(acc[t] / max(ref[t][f"finetuned_{split}"], 1e-12) for t in acc) / len(acc)
+def save_merge(merged: dict | TaskSpecificMerge, run_dir: Path, tasks: list[str]) -> Path:
+    """merged.safetensors; a task-specific merge as task_specific.safetensors: `shared.<key>` (fp32),
+    `masks.<key>` (bool, one row per task) and the metadata `tasks` and `rescalers` (JSON lists), so that task t's
+    weights are theta_0 + rescalers[t] * masks.<key>[t] * shared.<key> (keys without a mask: theta_0)."""
+    if not isinstance(merged, TaskSpecificMerge):
+        return atomic_save_safetensors(merged, run_dir / "merged.safetensors")
+    tensors = {**{f"shared.{k}": v for k, v in merged.shared.items()}, **{f"masks.{k}": m for k, m in merged.masks.items()}}
+    meta = {"tasks": json.dumps(tasks), "rescalers": json.dumps(merged.rescalers), "method": merged.method,
+            "format": "theta_t = theta_0 + rescalers[t] * masks.<key>[t] * shared.<key>"}
+    return atomic_save_safetensors(tensors, run_dir / "task_specific.safetensors", metadata=meta)
 
 
 def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
@@ -329,18 +401,20 @@ def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
     if coef is not None and not isinstance(coef, (int, float, str)):
         coef = [float(c) for c in coef]
     search = None
+    if cfg.method.get("lambdas") == "search":  # TALL masks / Consensus: lambda_t per task on val
+        exp.chosen["lambdas"] = exp.choose_tall_lambdas(finetuned)
+        log.info("TALL lambdas chosen on val: %s", dict(zip(tasks, exp.chosen["lambdas"])))
     # stage=merge with a fixed coefficient evaluates nothing; with `search` it picks the coefficient on val
     ref = {t: exp.reference_accuracies(t) for t in tasks} if cfg.stage != "merge" or coef == "search" else {}
     if coef == "search":
-        search = {}
-        for c in track(SEARCH_GRID, description="scaling_coef search on val"):
-            val = exp.merged_accuracies(exp.merge(finetuned, c), "val")
-            search[c] = _normalized_mean(val, ref, "val")
-            log.info("scaling_coef %.2f: val normalized accuracy %.4f", c, search[c])
+        search = {c: normalized_mean(val, ref, "val")
+                  for c, val in zip(SEARCH_GRID, exp.grid_accuracies(finetuned, SEARCH_GRID, "val"))}
+        for c, score in search.items():
+            log.info("scaling_coef %.2f: val normalized accuracy %.4f", c, score)
         coef = max(search, key=search.get)
     merged = exp.merge(finetuned, coef)
     if cfg.stage == "merge":
-        out = atomic_save_safetensors(merged, run_dir / "merged.safetensors")
+        out = save_merge(merged, run_dir, tasks)
         log.info("merged weights written to %s", out)
         return None
     test = exp.merged_accuracies(merged, "test")
@@ -362,6 +436,8 @@ def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
         "average": {k: sum(v[k] for v in per_task.values()) / len(per_task)
                     for k in ("zeroshot", "finetuned", "merged", "normalized")},
         "search": None if search is None else {"grid": list(search), "val_normalized": list(search.values())},
+        "chosen_on_val": exp.chosen or None,
+        "storage": merged.storage_summary() if isinstance(merged, TaskSpecificMerge) else None,
         **exp.report_extras(),
         "method_config": OmegaConf.to_container(cfg.method),
         "seconds": round(time.perf_counter() - t0, 1),

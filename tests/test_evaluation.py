@@ -73,8 +73,10 @@ def test_bf16_mixed_run_end_to_end(make_cfg, tmp_path):
 
     cfg = make_cfg("finetune=linear", "trainer.precision=bf16-mixed", "taskpool.tasks=[digits,textures]",
                    "method.scaling_coef=0.3", "model.train.steps=12", "model.train.warmup_steps=2",
-                   "model.train.batch_size=32", "model.train.checkpoint_every=6")
-    assert Experiment(cfg).eval_where["autocast"] == torch.bfloat16
+                   "model.train.batch_size=32", "model.train.checkpoint_every=6", "eval_precision=null")
+    assert Experiment(cfg).eval_where["autocast"] == torch.bfloat16  # eval_precision=null: the trainer's
+    default = Experiment(make_cfg("trainer.precision=bf16-mixed"))
+    assert default.eval_where["autocast"] is None and default.eval_trainer.precision == "32-true"
     report = run(cfg, tmp_path / "run", "task_arithmetic")
     for t in ("digits", "textures"):
         row = report["tasks"][t]

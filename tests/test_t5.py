@@ -416,7 +416,8 @@ def test_config_errors(make_cfg, tiny_t5, glue_root, tmp_path, monkeypatch):
         validate_t5(_cfg(make_cfg, tiny_t5, glue_root, "taskpool.tasks=[rte,wnli]"))
     with pytest.raises(ValueError, match="overflow float16"):
         validate_t5(_cfg(make_cfg, tiny_t5, glue_root, "trainer.precision=16-mixed"))
-    bf16 = T5Experiment(_cfg(make_cfg, tiny_t5, glue_root, "trainer.precision=bf16-mixed"))
+    bf16 = T5Experiment(_cfg(make_cfg, tiny_t5, glue_root, "trainer.precision=bf16-mixed",
+                                       "eval_precision=null"))  # evaluate at the trainer's precision
     assert bf16.eval_where == {"device": torch.device("cpu"), "autocast": torch.bfloat16}
     with pytest.raises(ValueError, match="use taskpool=glue"):
         validate_t5(make_cfg("model=tiny_t5"))

@@ -34,6 +34,18 @@ METHODS: dict[str, tuple[str, dict]] = {
     "dare_ties": ("dare", {"p": 0.9, "base": "ties", "scaling_coef": 0.3}),
     "awd_ta": ("awd_ta", {"scaling_coef": 0.3}),
     "awd_ties": ("awd_ties", {"k": 0.2, "scaling_coef": 0.3}),
+    "consensus_ta": ("consensus_merging", {"base": "task_arithmetic", "k": 2, "lambdas": 0.4, "scaling_coef": 0.3}),
+    "consensus_ties": ("consensus_merging", {"base": "ties", "ties_k": 0.2, "k": 2, "lambdas": 0.4,
+                                             "scaling_coef": 0.3}),
+    "tall_masks": ("tall_masks", {"lambdas": 0.4}),  # builds the TaskSpecificMerge (masks) only
+    "emr": ("emr_merging", {}),  # builds the TaskSpecificMerge only
+    "breadcrumbs": ("breadcrumbs", {"density": 0.15, "gamma": 0.006, "scaling_coef": 0.3}),
+    "magmax": ("magmax", {"scaling_coef": 0.5}),
+    "model_stock": ("model_stock", {}),
+    "tsv_merging": ("tsv_merging", {"scaling_coef": 1.0}),
+    "iso_c": ("iso_c", {"scaling_coef": 1.0}),
+    "iso_cts": ("iso_cts", {"scaling_coef": 1.0, "common_space_fraction": 0.8}),
+    "wudi": ("wudi_merging", {"scaling_coef": 1.0, "lr": 1e-5, "iterations": 300}),
 }
 DEFAULT_METHODS = ["weight_average", "task_arithmetic", "ties", "ties_per_tensor", "dare", "dare_ties",
                    "awd_ta", "awd_ties"]  # fmt: skip
@@ -121,7 +133,10 @@ def worker(method: str, cache: Path, n_tasks: int, threads: int) -> None:
     fts = [fm.LazyStateDict(p) for p in ft_paths]
     merged = fn(pre, fts, **kwargs)
     wall = time.perf_counter() - t0
-    n_params = sum(v.numel() for v in merged.values())
+    if hasattr(merged, "task_weights"):  # task-specific result (TaskSpecificMerge): merged float parameters
+        n_params = merged.n_params
+    else:
+        n_params = sum(v.numel() for v in merged.values())
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     with open("/proc/self/status") as f:
         hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2**20

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from omegaconf import DictConfig
 from rich.progress import track
@@ -26,25 +28,37 @@ def eval_device(trainer_cfg: DictConfig) -> tuple[torch.device, torch.dtype | No
     return torch.device("cuda" if wants_gpu(trainer_cfg) else "cpu"), dtype
 
 
+@contextmanager
+def eval_mode(model: nn.Module):
+    """model.eval() for the block, then every submodule's train/eval mode as it was (model.train(was) would set
+    all of them to the top module's mode: a classifier built around a shared encoder would leave it training)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 @torch.no_grad()
 def predictions(model: nn.Module, dataset: Dataset, batch_size: int = 256, device: torch.device | str = "cpu",
                 autocast: torch.dtype | None = None, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(argmax predictions, labels) over the whole data set, in order. The model is moved to `device` for the
-    pass and back afterwards; eval mode for the pass, its train/eval mode restored."""
+    pass and back afterwards, in eval mode for the pass (see eval_mode)."""
     device = torch.device(device)
     home = next(model.parameters()).device
-    was_training = model.training
-    model.eval().to(device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     preds, labels = [], []
     try:
-        for x, y in track(loader, description="evaluating", transient=True, disable=len(dataset) < 5000):
-            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                preds.append(model(x.to(device, non_blocking=True)).argmax(dim=-1).cpu())
-            labels.append(torch.as_tensor(y))
+        with eval_mode(model.to(device)):
+            for x, y in track(loader, description="evaluating", transient=True, disable=len(dataset) < 5000):
+                with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                    preds.append(model(x.to(device, non_blocking=True)).argmax(dim=-1).cpu())
+                labels.append(torch.as_tensor(y))
     finally:
-        model.to(home).train(was_training)
+        model.to(home)
     return torch.cat(preds), torch.cat(labels)
 
 

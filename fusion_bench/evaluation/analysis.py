@@ -15,6 +15,7 @@ import torch
 from rich.progress import track
 
 from fusion_bench.evaluation.accuracy import predictions
+from fusion_bench.evaluation.search import GRID, normalized_mean
 from fusion_bench.merging import awd, task_arithmetic
 from fusion_bench.merging.task_vectors import prepare
 from fusion_bench.reporting import plots
@@ -44,23 +45,24 @@ def _predictions(exp, encoder, task: str, split: str) -> torch.Tensor:
 def disentanglement_error(exp, task_pair: Sequence[str], grid: Sequence[float], split: str = "test") -> np.ndarray:
     """xi[i, j] = sum_t P_x[f_t(x; theta0 + a_t tau_t) != f_t(x; theta0 + a1 tau1 + a2 tau2)], (a1, a2) = grid[i], grid[j]."""
     t1, t2 = task_pair
-    pre = exp.pretrained_state
+    pre, lin = exp.pretrained_state, exp.evaluate_linearized  # evaluated as the pipeline evaluates merges
     fts = [exp.finetuned_state(t1), exp.finetuned_state(t2)]
     single = {
-        (t, a): _predictions(exp, exp.model_with(task_arithmetic(pre, [fts[i]], scaling_coef=[a])), t, split)
+        (t, a): _predictions(exp, exp.model_with(task_arithmetic(pre, [fts[i]], scaling_coef=[a]), lin), t, split)
         for i, t in enumerate(task_pair) for a in grid
     }
     xi = np.zeros((len(grid), len(grid)))
     for (i, a1), (j, a2) in track(list(itertools.product(enumerate(grid), enumerate(grid))),
                                   description="disentanglement grid"):
-        enc = exp.model_with(task_arithmetic(pre, fts, scaling_coef=[a1, a2]))
+        enc = exp.model_with(task_arithmetic(pre, fts, scaling_coef=[a1, a2]), lin)
         for t, a in ((t1, a1), (t2, a2)):
             xi[i, j] += (_predictions(exp, enc, t, split) != single[(t, a)]).float().mean().item()
     return xi
 
 
-def normalized_vs_num_tasks(exp, scaling_coef: float, max_subsets: int, seed: int = 0) -> dict[int, float]:
-    """Mean over task subsets of size k (2..n) of the average normalized test accuracy of the merged model."""
+def normalized_vs_num_tasks(exp, scaling_coef: float | str, max_subsets: int, seed: int = 0) -> dict[int, dict]:
+    """Mean over task subsets of size k (2..n) of the average normalized test accuracy of the merged model.
+    scaling_coef="search" (the default, as the papers do) picks the coefficient on val for each subset."""
     tasks = list(exp.tasks)
     ref = {t: exp.reference_accuracies(t) for t in tasks}
     states = {t: exp.finetuned_state(t) for t in tasks}
@@ -69,13 +71,18 @@ def normalized_vs_num_tasks(exp, scaling_coef: float, max_subsets: int, seed: in
     for k in range(2, len(tasks) + 1):
         subsets = list(itertools.combinations(tasks, k))
         subsets = rng.sample(subsets, min(max_subsets, len(subsets)))
-        scores = []
+        scores, coefs = [], []
         for subset in subsets:
-            merged = exp.merge([states[t] for t in subset], scaling_coef)
-            enc = exp.model_with(merged)
-            scores.append(np.mean([exp.acc(enc, t, "test") / ref[t]["finetuned_test"] for t in subset]))
-        out[k] = float(np.mean(scores))
-        log.info("%d tasks: normalized accuracy %.4f over %d subsets", k, out[k], len(subsets))
+            fts = [states[t] for t in subset]
+            coef = scaling_coef
+            if coef == "search":
+                val = exp.grid_accuracies(fts, GRID, "val", list(subset))
+                coef = GRID[max(range(len(val)), key=lambda i: normalized_mean(val[i], ref, "val"))]
+            test = exp.merged_accuracies(exp.merge(fts, float(coef)), "test", list(subset))
+            scores.append(normalized_mean(test, ref, "test"))
+            coefs.append(coef)
+        out[k] = {"normalized": float(np.mean(scores)), "scaling_coefs": coefs}
+        log.info("%d tasks: normalized accuracy %.4f over %d subsets", k, out[k]["normalized"], len(subsets))
     return out
 
 
@@ -97,9 +104,12 @@ def run_analysis(exp, analysis_cfg, run_dir: Path, method_name: str) -> dict:
                            run_dir / "disentanglement.png", f"alpha ({pair[0]})", f"alpha ({pair[1]})",
                            vmax=2.0)  # xi sums two error rates: one scale for every mode
     elif kind == "num_tasks":
-        curve = normalized_vs_num_tasks(exp, float(analysis_cfg.scaling_coef), int(analysis_cfg.max_subsets))
-        result = {"num_tasks": list(curve), "normalized": list(curve.values()), "scaling_coef": analysis_cfg.scaling_coef}
-        plots.curves(list(curve), {f"{method_name} ({mode})": list(curve.values())},
+        coef = analysis_cfg.scaling_coef
+        curve = normalized_vs_num_tasks(exp, coef if coef == "search" else float(coef), int(analysis_cfg.max_subsets))
+        normalized = [c["normalized"] for c in curve.values()]
+        result = {"num_tasks": list(curve), "normalized": normalized, "scaling_coef": coef,
+                  "scaling_coefs": [c["scaling_coefs"] for c in curve.values()]}
+        plots.curves(list(curve), {f"{method_name} ({mode})": normalized},
                      "normalized accuracy vs number of merged tasks", "tasks merged", "normalized accuracy",
                      run_dir / "num_tasks.png")
     else:

@@ -3,30 +3,53 @@
 Every method takes ``(pretrained, finetuned, **hyperparameters)`` where the state dicts are
 ``Mapping[str, Tensor]`` (plain dicts or :class:`LazyStateDict` over safetensors files) and returns
 the merged ``dict[str, Tensor]`` in the pretrained dtypes.  Arithmetic is fp32; integer / bool
-buffers are copied from ``pretrained``.  Every method except :func:`weight_average` takes
-``scaling_coef``.
+buffers are copied from ``pretrained``.  Every method except :func:`weight_average`,
+:func:`model_stock`, :func:`tall_masks` and :func:`emr_merging` takes ``scaling_coef``.
+Task-specific methods (:func:`tall_masks`, :func:`emr_merging`) return a :class:`TaskSpecificMerge`
+(shared vector + per-task masks and rescalers) that gives each task's weights.
 """
 
 from .awd import AWDResult, awd_disentangle, awd_reference, awd_ta, awd_ties
+from .breadcrumbs import breadcrumbs
+from .consensus import consensus_merging, tall_mask_lambda_grid, tall_masks
 from .dare import dare, dare_mask
+from .emr import emr_merging
+from .iso import iso_c, iso_cts
 from .lazy import LazyStateDict
+from .magmax import magmax
+from .model_stock import model_stock
 from .task_arithmetic import task_arithmetic
+from .task_specific import TaskSpecificMerge
 from .task_vectors import derived_seed, kth_largest
 from .ties import ties_merging
+from .tsv import tsv_merging
 from .weight_average import weight_average
+from .wudi import wudi_merging
 
 __all__ = [
     "AWDResult",
     "LazyStateDict",
+    "TaskSpecificMerge",
     "awd_disentangle",
     "awd_reference",
     "awd_ta",
     "awd_ties",
+    "breadcrumbs",
+    "consensus_merging",
     "dare",
     "dare_mask",
     "derived_seed",
+    "emr_merging",
+    "iso_c",
+    "iso_cts",
     "kth_largest",
+    "magmax",
+    "model_stock",
+    "tall_mask_lambda_grid",
+    "tall_masks",
     "task_arithmetic",
     "ties_merging",
+    "tsv_merging",
     "weight_average",
+    "wudi_merging",
 ]

@@ -348,8 +348,16 @@ def zero_shot_head(model: nn.Module, tokenizer, classnames, templates) -> torch.
     return model.logit_scale.exp() * torch.stack(rows)
 
 
+def head_logits(features: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """head @ normalise(features) in fp32 under any autocast: at CLIP's logit scale (100 x cosine, logits 20-35)
+    neighbouring bf16 values are 0.125-0.25 apart, and argmax ties would go to the lowest class index."""
+    with torch.autocast(features.device.type, enabled=False):
+        f = features.float()
+        return (f / f.norm(dim=-1, keepdim=True)) @ head.float().T
+
+
 class ImageClassifier(nn.Module):
-    """An image encoder followed by a frozen zero-shot head; logits = head @ normalise(encoder(x))."""
+    """An image encoder followed by a frozen zero-shot head; logits = head @ normalise(encoder(x)), in fp32."""
 
     def __init__(self, encoder: nn.Module, head: torch.Tensor):
         super().__init__()
@@ -357,5 +365,4 @@ class ImageClassifier(nn.Module):
         self.register_buffer("head", head.detach().clone(), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        feats = self.encoder(images)
-        return (feats / feats.norm(dim=-1, keepdim=True)) @ self.head.T
+        return head_logits(self.encoder(images), self.head)

@@ -105,9 +105,14 @@ class LinearizedModel(MountedModule):
         """f(x; params): the wrapped module with the linearized parameters replaced by `params`."""
         return functional_call(self._function_module, {**self._constants(), **params}, args, kwargs)
 
-    def forward(self, *args, **kwargs):
+    def primal_and_tangent(self, *args, **kwargs):
+        """(f(x; theta_0), J (theta - theta_0)) from one jvp: f_lin at theta_0 + c (theta - theta_0) is
+        out + c * dout for every c (the coefficient search evaluates a whole grid from this one pass)."""
         theta0, theta = self.theta0(), self.theta()
         tangent = {n: theta[n] - theta0[n] for n in self.linearized_names}
         with linearizable_attention():
-            out, dout = jvp(lambda p: self.function(p, *args, **kwargs), (theta0,), (tangent,))
+            return jvp(lambda p: self.function(p, *args, **kwargs), (theta0,), (tangent,))
+
+    def forward(self, *args, **kwargs):
+        out, dout = self.primal_and_tangent(*args, **kwargs)
         return out + dout

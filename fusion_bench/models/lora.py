@@ -207,7 +207,7 @@ class LinearizedLoRA(LinearizedModel):
     def function(self, params: Mapping[str, torch.Tensor], *args, **kwargs):
         return lora_function(self, params, *args, **kwargs)
 
-    def forward(self, *args, **kwargs):
-        out = super().forward(*args, **kwargs)
+    def primal_and_tangent(self, *args, **kwargs):
+        out = super().primal_and_tangent(*args, **kwargs)
         settle_peft_weights(self._function_module)
         return out

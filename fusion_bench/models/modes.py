@@ -182,3 +182,13 @@ def eval_model(finetune_cfg: DictConfig, encoder: nn.Module, merged: dict[str, t
     else:
         module = load_trainable(build_mode_model(finetune_cfg, encoder), merged)
     return module.requires_grad_(False).eval()
+
+
+def reload(module: nn.Module, merged: dict[str, torch.Tensor], *, finetune_cfg: DictConfig, base: nn.Module,
+           linearized: bool = False) -> nn.Module:
+    """Overwrite, in place, the weights of a module made by `eval_model` with other merge-space weights (one
+    evaluation encoder for a whole coefficient search, instead of a fresh copy per coefficient). `base` is the
+    mode model at the pretrained weights (`build_mode_model`), which l_lora needs to fold adapters."""
+    if finetune_cfg.mode == "l_lora" and not linearized:
+        merged = merged_weights(base, merged)
+    return _copy_into(module, merged)

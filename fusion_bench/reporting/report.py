@@ -19,6 +19,12 @@ def markdown(report: dict) -> str:
     lines = ["| task | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     rows = list(report["tasks"].items()) + [("**average**", report["average"])]
     lines += [f"| {t} | " + " | ".join(f"{r[c]:.4f}" for c in COLUMNS) + " |" for t, r in rows]
+    if report.get("storage"):  # task-specific merges: what each task costs beyond the shared vector
+        bits = report["storage"]["task_bits_per_parameter"]
+        lines += ["", (f"Task-specific weights: {max(bits):.3f} bits per parameter per task beyond the shared "
+                      f"fp32 vector (32 bits per parameter).")]
+    if report.get("chosen_on_val"):
+        lines += ["", f"Chosen on val: {report['chosen_on_val']}"]
     return head + "\n".join(lines) + "\n"
 
 

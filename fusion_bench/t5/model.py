@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from fusion_bench.evaluation.accuracy import eval_mode
 from fusion_bench.models.clip import WeightsNotFoundError
 from fusion_bench.models.linearize import MountedModule
 
@@ -157,17 +158,15 @@ def generate_texts(model: nn.Module, tokenizer, sources: list[str], batch_size: 
     """Greedy generations for `sources`: `generate` (with KV cache) for a plain T5Logits, else `greedy_decode`;
     under `autocast` (the trainer's bf16) when given."""
     device = torch.device(device)
-    was_training = model.training
-    model.eval().to(device)
     cfg = model.t5.config if isinstance(model, T5Logits) else None
     texts: list[str] = []
-    for i in range(0, len(sources), batch_size):
-        enc = tokenizer(sources[i:i + batch_size], padding=True, truncation=True, max_length=max_source_length,
-                        return_tensors="pt").to(device)
-        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            ids = _greedy(model, cfg, enc, max_new_tokens)
-        texts += tokenizer.batch_decode(ids, skip_special_tokens=True)
-    model.train(was_training)
+    with eval_mode(model.to(device)):
+        for i in range(0, len(sources), batch_size):
+            enc = tokenizer(sources[i:i + batch_size], padding=True, truncation=True, max_length=max_source_length,
+                            return_tensors="pt").to(device)
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                ids = _greedy(model, cfg, enc, max_new_tokens)
+            texts += tokenizer.batch_decode(ids, skip_special_tokens=True)
     return [t.strip() for t in texts]
 
 

@@ -24,9 +24,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from fusion_bench import keys
 from fusion_bench.evaluation.accuracy import eval_device
 from fusion_bench.pipeline import Experiment, validate
-from fusion_bench.store import config_hash
 from fusion_bench.t5 import glue
 from fusion_bench.t5 import modes as t5_modes
 from fusion_bench.t5.model import T5Logits, generate_texts, load_t5
@@ -59,6 +59,7 @@ class T5Experiment(Experiment):
 
     modes = t5_modes
     ddp = False  # generation-based evaluation runs in one process (trainer=ddp still fine-tunes on every rank)
+    fast_search = False  # scores of generated text: the search merges and evaluates at each coefficient
 
     def report_extras(self) -> dict:
         return {"metrics": {t: "spearman" if glue.TASKS[t].targets is None else "exact_match" for t in self.tasks}}
@@ -93,20 +94,12 @@ class T5Experiment(Experiment):
 
     @cached_property
     def eval_where(self) -> dict:
-        """Where generation runs and its autocast dtype (trainer=gpu: cuda in bf16)."""
-        device, autocast = eval_device(self.cfg.trainer)
+        """Where generation runs and its autocast dtype (eval_precision: null and trainer=gpu: cuda in bf16)."""
+        device, autocast = eval_device(self.eval_trainer)
         return {"device": device, "autocast": autocast}
 
-    def _eval_settings(self) -> dict:
-        m = self.cfg.model
-        return {"max_source_length": m.max_source_length, "max_target_length": m.max_target_length}
-
-    def checkpoint(self, task: str) -> Path:
-        c = self.cfg
-        hp = {"train": OmegaConf.to_container(c.model.train), "finetune": OmegaConf.to_container(self.mode_cfg),
-              "pool": c.taskpool.name, "weights": str(c.model.get("pretrained") or c.model.get("hf_id")),
-              "template": glue.TASKS[task].template, **self._eval_settings()}
-        return self.store.path(c.model.name, c.finetune.mode, task, c.seed, hp)
+    def key_extras(self, task: str) -> dict:
+        return {"template": glue.TASKS[task].template}
 
     def acc(self, model: nn.Module, task: str, split: str) -> float:
         """Exact match (Spearman for STS-B) of greedy generations on the task's split."""
@@ -122,8 +115,10 @@ class T5Experiment(Experiment):
                                c.decoder_start_token_id, c.pad_token_id)
 
     def eval_key(self) -> str:
-        return config_hash({"taskpool": OmegaConf.to_container(self.cfg.taskpool, resolve=True),
-                            "max_new_tokens": self.cfg.model.max_new_tokens, **self._eval_settings()})
+        device, autocast = self.eval_where["device"], self.eval_where["autocast"]
+        return keys.reference_key(self.cfg, {"device": device.type, "autocast": str(autocast),
+                                             "linearized": self.evaluate_linearized},
+                                  max_new_tokens=self.cfg.model.max_new_tokens)
 
     def _train(self, task: str, module: nn.Module, work_dir: Path) -> float:
         return finetune_t5(module, self.collator(), self.tasks[task].split("train"), self.cfg.model.train,

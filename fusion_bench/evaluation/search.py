@@ -1,0 +1,90 @@
+"""The scaling-coefficient search: accuracy of theta_0 + c * tau_m for every c of a grid, each batch read once.
+
+Every merging method with a `scaling_coef` gives theta(c) = theta_0 + c * tau_m with tau_m independent of c
+(tests/test_search.py checks this for each one; a method that is not must say `affine_in_scaling_coef = False`
+and is searched by merging at each c). So the search merges once (c = 1), keeps theta_0 and tau_m, and for
+each batch of each val split, decoded once:
+- plain encoders: writes theta(c) into ONE evaluation encoder in place and runs it, for every c;
+- linearized encoders (finetune=linear, method=partial_linearization): f_lin(x; theta_0 + c tau_m) is
+  f(x; theta_0) + c J tau_m, so one jvp per batch gives the features at every c, exactly.
+Under trainer=ddp the whole grid runs in one start of the ranks (fusion_bench.evaluation.distributed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from rich.progress import track
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from fusion_bench.evaluation.accuracy import eval_mode
+from fusion_bench.models.clip import head_logits
+from fusion_bench.models.linearize import LinearizedModel
+
+GRID = [round(0.05 * i, 2) for i in range(21)]
+
+
+def normalized_mean(acc: Mapping[str, float], ref: Mapping[str, dict], split: str) -> float:
+    """Mean over tasks of accuracy / the task's own fine-tuned accuracy on the same split."""
+    return sum(acc[t] / max(ref[t][f"finetuned_{split}"], 1e-12) for t in acc) / len(acc)
+
+
+def affine_in_coef(method) -> bool:
+    return getattr(getattr(method, "func", method), "affine_in_scaling_coef", True)
+
+
+class CoefficientGrid(nn.Module):
+    """One evaluation encoder and the merge line theta_0 + c * tau_m; `logits(x, head)` gives the logits of every
+    c of the grid for one batch. `load(weights)` writes merge-space weights into the encoder in place."""
+
+    def __init__(self, encoder: nn.Module, pretrained: Mapping[str, torch.Tensor],
+                 merged_at_one: Mapping[str, torch.Tensor], grid: Sequence[float],
+                 load: Callable[[nn.Module, dict[str, torch.Tensor]], object]):
+        super().__init__()
+        self.encoder, self.grid, self._load = encoder, [float(c) for c in grid], load
+        self.names = [k for k, v in pretrained.items() if v.is_floating_point()]
+        for i, k in enumerate(self.names):  # buffers: they follow the module to its device (and DDP ranks)
+            self.register_buffer(f"theta0_{i}", pretrained[k].float(), persistent=False)
+            self.register_buffer(f"tau_{i}", merged_at_one[k].float() - pretrained[k].float(), persistent=False)
+        self.jvp = isinstance(encoder, LinearizedModel)
+        if self.jvp:  # the linearized encoder at c = 1: its jvp tangent is then J tau_m
+            self._load(self.encoder, self.weights(1.0))
+
+    def weights(self, c: float) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, f"theta0_{i}") + c * getattr(self, f"tau_{i}") for i, k in enumerate(self.names)}
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor, head: torch.Tensor) -> list[torch.Tensor]:
+        if self.jvp:
+            f0, df = self.encoder.primal_and_tangent(x)
+            return [head_logits(f0 + c * df, head) for c in self.grid]
+        out = []
+        for c in self.grid:
+            self._load(self.encoder, self.weights(c))
+            out.append(head_logits(self.encoder(x), head))
+        return out
+
+
+@torch.no_grad()
+def grid_correct(grid: CoefficientGrid, head: torch.Tensor, dataset: Dataset, batch_size: int,
+                 device: torch.device | str = "cpu", autocast: torch.dtype | None = None,
+                 num_workers: int = 0, description: str = "") -> list[float]:
+    """Accuracy on `dataset` of the merge at every c of the grid, each batch read and decoded once."""
+    device = torch.device(device)
+    grid.to(device)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    correct, n = torch.zeros(len(grid.grid), dtype=torch.long), 0
+    head = head.to(device)
+    with eval_mode(grid):
+        for x, y in track(loader, description=description or "coefficient search", transient=True,
+                          disable=len(dataset) < 5000):
+            y = torch.as_tensor(y)
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                logits = grid.logits(x.to(device, non_blocking=True), head)
+            correct += torch.stack([(lg.argmax(-1).cpu() == y).sum() for lg in logits])
+            n += len(y)
+    grid.to("cpu")
+    return (correct.double() / max(n, 1)).tolist()

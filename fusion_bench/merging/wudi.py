@@ -1,0 +1,237 @@
+r"""WUDI merging (Cheng et al., "Whoever Started the Interference Should End It: Guiding Data-Free
+Model Merging via Task Vectors", ICML 2025).
+
+Definition, per 2-D float key: minimise
+
+    L(m) = sum_t ||(m - tau_t) tau_t^T||_F^2 / ||tau_t||_F^2
+
+with Adam (the paper: lr 1e-5, 300 steps, default betas (0.9, 0.999), eps 1e-8) from
+``m = sum_t tau_t``; ``theta = theta_0 + alpha * m`` (``alpha = scaling_coef = 1``).
+Every other float key: ``theta_0 + alpha * mean_t tau_t``.  A task whose task vector is zero on a
+key contributes nothing to that key's loss (the limit of its term; the reference code would
+divide by zero).
+
+Fast exact form
+---------------
+``grad L = 2 (m A - B)`` with ``A = sum_t tau_t^T tau_t / ||tau_t||^2`` (cols x cols) and
+``B = sum_t tau_t tau_t^T tau_t / ||tau_t||^2`` (rows x cols), both fixed: they are formed once per
+key (float64, then cast to the working fp32), and every Adam step costs ONE ``(rows x cols)
+(cols x cols)`` product (``addmm``) instead of ``T`` products of ``(rows x cols)(cols x rows)`` in
+the forward pass and again in the backward pass.  Adam is applied by hand with exactly the
+operations of ``torch.optim.Adam``'s single-tensor step (lerp, mul + addcmul, sqrt / bias
+correction + eps, addcdiv), so the iterates are those of ``torch.optim.Adam`` on the autograd
+loss up to the round-off of the gradient.
+
+Row blocks: row ``i`` of the gradient depends only on row ``i`` of ``m`` (``(m A)_i = m_i A``)
+and Adam is elementwise, so each block of rows runs its 300 steps on its own with the same
+iterates; a block's working set (``m``, ``B``, gradient and both moments) stays in cache while
+``A`` is shared.
+
+Wide keys with few tasks: when ``2 T rows < cols``, ``m A = (m S^T) S`` with
+``S = [tau_1 / ||tau_1||; ...; tau_T / ||tau_T||]`` (``T rows x cols``) is cheaper than the
+``cols x cols`` product (the same product re-associated).  There is no exact *transposed* form:
+the loss multiplies by ``tau_t^T`` on the right only, and Adam's elementwise steps forbid a change
+of basis.  (The exact minimiser ``B A^{-1}`` exists, but the paper does not use it.)
+
+The loss before and after and ``||m - m_0|| / ||m_0||`` (over all 2-D keys) are logged (INFO).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .spectral import merge_2d_keys
+from .task_vectors import StateDict, is_number, prepare, scalar_coef
+
+log = logging.getLogger(__name__)
+
+#: entries of ``m`` per row block of the Adam loop (measured: 1M entries is within 10% of the best
+#: block for every ViT-B/32 shape; much smaller blocks starve the matrix product)
+BLOCK_ELEMS = 1 << 20
+
+
+@dataclass
+class WUDIStats:
+    """Loss and movement of one key's optimisation (losses in float64)."""
+
+    loss_before: float
+    loss_after: float
+    sq_norm_start: float  # ||m_0||^2
+    sq_norm_moved: float  # ||m - m_0||^2
+
+
+def _quadratic(A: Tensor | None, S: Tensor | None, B: Tensor, C: float, m: Tensor) -> float:
+    """``L(m) = <m, m A> - 2 <m, B> + C`` in float64 (``A`` or its factor ``S``)."""
+    m = m.to(torch.float64)
+    mA = (m @ S.T) @ S if S is not None else m @ A
+    return float((m * mA).sum() - 2.0 * (m * B).sum()) + C
+
+
+def wudi_optimise(
+    taus: Sequence[Tensor],
+    lr: float = 1e-5,
+    iterations: int = 300,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    block_elems: int | None = None,
+) -> tuple[Tensor, WUDIStats]:
+    """WUDI's Adam on one 2-D key (module doc); works in the dtype of ``taus`` (fp32 or fp64)."""
+    taus = list(taus)
+    rows, cols = taus[0].shape
+    wd = taus[0].dtype
+    f64 = torch.float64
+    norms = [float(torch.linalg.vector_norm(t, dtype=f64)) ** 2 for t in taus]
+    active = [(t, n) for t, n in zip(taus, norms) if n > 0]
+    m064 = torch.zeros(rows, cols, dtype=f64)
+    for t in taus:
+        m064.add_(t)
+    B64 = torch.zeros(rows, cols, dtype=f64)
+    C = 0.0
+    A64 = S64 = None
+    if 2 * len(active) * rows < cols:  # factored: m A = (m S^T) S
+        S64 = (
+            torch.cat([t.to(f64) / math.sqrt(n) for t, n in active])
+            if active
+            else torch.zeros(1, cols, dtype=f64)
+        )
+        for t, n in active:
+            x = t.to(f64)
+            H = x @ x.T
+            B64.add_(H @ x, alpha=1.0 / n)
+            C += float((H * H).sum()) / n
+    else:
+        A64 = torch.zeros(cols, cols, dtype=f64)
+        for t, n in active:
+            x = t.to(f64)
+            G = x.T @ x
+            A64.add_(G, alpha=1.0 / n)
+            C += float((G * G).sum()) / n
+            B64.add_((x @ x.T) @ x if rows < cols else x @ G, alpha=1.0 / n)
+            del G
+    loss0 = _quadratic(A64, S64, B64, C, m064)
+    m = m064.to(wd)
+    A = None if A64 is None else A64.to(wd)
+    S = None if S64 is None else S64.to(wd)
+    B = B64.to(wd)
+    _adam_rows(m, A, S, B, lr, iterations, betas, eps, block_elems or BLOCK_ELEMS)
+    stats = WUDIStats(
+        loss0,
+        _quadratic(A64, S64, B64, C, m),
+        float((m064 * m064).sum()),
+        float(((m.to(f64) - m064) ** 2).sum()),
+    )
+    return m, stats
+
+
+def _adam_rows(
+    m: Tensor,
+    A: Tensor | None,
+    S: Tensor | None,
+    B: Tensor,
+    lr: float,
+    iterations: int,
+    betas: tuple[float, float],
+    eps: float,
+    block_elems: int,
+) -> None:
+    """``iterations`` Adam steps on ``m`` (in place) with ``grad = 2 (m A - B)``, block of rows by block."""
+    rows, cols = m.shape
+    beta1, beta2 = betas
+    rb = max(1, min(rows, block_elems // max(cols, 1)))
+    g = torch.empty(rb, cols, dtype=m.dtype)
+    ea = torch.empty_like(g)
+    eas = torch.empty_like(g)
+    den = torch.empty_like(g)
+    tmp = None if S is None else torch.empty(rb, S.shape[0], dtype=m.dtype)
+    for r0 in range(0, rows, rb):
+        r1 = min(r0 + rb, rows)
+        n = r1 - r0
+        p, b = m[r0:r1], B[r0:r1]
+        gb, eab, easb, denb = g[:n], ea[:n], eas[:n], den[:n]
+        eab.zero_()
+        easb.zero_()
+        for step in range(1, iterations + 1):
+            # gradient 2 (m A - B): scaling by 2 is exact, so this is 2 * (m A - B) bit for bit
+            if S is None:
+                torch.addmm(b, p, A, beta=-2.0, alpha=2.0, out=gb)
+            else:
+                torch.mm(p, S.T, out=tmp[:n])
+                torch.addmm(b, tmp[:n], S, beta=-2.0, alpha=2.0, out=gb)
+            # torch.optim.Adam, single-tensor path (no weight decay, no amsgrad)
+            eab.lerp_(gb, 1 - beta1)
+            easb.mul_(beta2).addcmul_(gb, gb, value=1 - beta2)
+            bias_correction1 = 1 - beta1**step
+            bias_correction2 = 1 - beta2**step
+            step_size = lr / bias_correction1
+            bias_correction2_sqrt = bias_correction2**0.5
+            torch.sqrt(easb, out=denb).div_(bias_correction2_sqrt).add_(eps)
+            p.addcdiv_(eab, denb, value=-step_size)
+
+
+def _check_args(lr, iterations, betas, eps) -> tuple[float, int, tuple[float, float], float]:
+    method = "wudi_merging"
+    if not is_number(lr) or float(lr) < 0:
+        raise ValueError(f"{method}: lr={lr!r} must be a non-negative number (the paper: 1e-5)")
+    if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 0:
+        raise ValueError(
+            f"{method}: iterations={iterations!r} must be a non-negative integer (the paper: 300)"
+        )
+    try:
+        b1, b2 = (float(b) for b in betas)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{method}: betas={betas!r} must be two numbers in [0, 1) (default (0.9, 0.999))"
+        ) from None
+    if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+        raise ValueError(f"{method}: betas={betas!r} must be two numbers in [0, 1) (default (0.9, 0.999))")
+    if not is_number(eps) or float(eps) < 0:
+        raise ValueError(f"{method}: eps={eps!r} must be a non-negative number (default 1e-8)")
+    return float(lr), int(iterations), (b1, b2), float(eps)
+
+
+def wudi_merging(
+    pretrained: StateDict,
+    finetuned: Sequence[StateDict],
+    scaling_coef: float = 1.0,
+    lr: float = 1e-5,
+    iterations: int = 300,
+    betas: Sequence[float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> dict[str, Tensor]:
+    """WUDI (module doc): per 2-D key, Adam on ``sum_t ||(m - tau_t) tau_t^T||^2 / ||tau_t||^2``
+    from ``m = sum_t tau_t``; ``theta_0 + scaling_coef * m``."""
+    inp = prepare(pretrained, finetuned, "wudi_merging")
+    alpha = scalar_coef(scaling_coef, "wudi_merging")
+    lr, iterations, betas_, eps = _check_args(lr, iterations, betas, eps)
+    stats: list[WUDIStats] = []
+
+    def two_d(taus: list[Tensor], key: str) -> Tensor:
+        m, st = wudi_optimise(taus, lr, iterations, betas_, eps)
+        log.debug("wudi_merging: %s loss %.6g -> %.6g", key, st.loss_before, st.loss_after)
+        stats.append(st)
+        return m
+
+    out = merge_2d_keys(inp, alpha, two_d, "WUDI")
+    if stats:
+        before = sum(s.loss_before for s in stats)
+        after = sum(s.loss_after for s in stats)
+        start = sum(s.sq_norm_start for s in stats)
+        moved = sum(s.sq_norm_moved for s in stats)
+        log.info(
+            "wudi_merging: Adam lr=%g, %d iterations on %d 2-D keys: loss %.6g -> %.6g, "
+            "||m - m_0|| / ||m_0|| = %.4g",
+            lr,
+            iterations,
+            len(stats),
+            before,
+            after,
+            math.sqrt(moved / start) if start > 0 else math.nan,
+        )
+    return out
