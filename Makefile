@@ -1,6 +1,6 @@
 PY ?= python
 
-.PHONY: setup test test-fast run tiny-pretrain bench-quick bench-merge bench-finetune bench-tiny bench-vit-b32 bench-vit-b32-imported bench-vit-l14 bench-flan-t5 lint
+.PHONY: setup test test-fast run tiny-pretrain bench-quick bench-merge bench-finetune bench-tiny bench-tiny-2024 bench-vit-b32 bench-vit-b32-imported bench-vit-l14 bench-flan-t5 lint
 
 setup:          ## install fusion_bench and everything it needs (torch 2.14.1 CPU/CUDA wheel from the pin)
 	$(PY) -m pip install -e '.[dev]'
@@ -33,6 +33,12 @@ SWEEP = -m finetune=$(MODES) method=$(METHODS) method.scaling_coef=search
 
 bench-tiny:     ## every mode x every method on tiny_eight (CPU), one combined summary in the sweep dir
 	$(PY) run.py $(SWEEP)
+
+METHODS_2024 ?= tsv_merging,iso_c,iso_cts,wudi,consensus_ta,consensus_ties,tall_masks,emr,breadcrumbs,magmax,model_stock
+MODES_2024 ?= standard,attention
+
+bench-tiny-2024: ## the data-free methods of 2024-2026 on tiny_eight, each with its paper's defaults (CPU)
+	$(PY) run.py -m finetune=$(MODES_2024) method=$(METHODS_2024)
 
 bench-vit-b32:  ## the papers' protocol on ViT-B/32 (needs weights in paths.cache_dir and data in paths.data_root)
 	$(PY) run.py $(SWEEP) model=vit_b32 taskpool=eight_tasks trainer=gpu

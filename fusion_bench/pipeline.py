@@ -69,8 +69,8 @@ def validate(cfg: DictConfig, stages=STAGES, known: list[str] | None = None) -> 
     coef = cfg.method.get("scaling_coef")
     if coef is not None and not isinstance(coef, (int, float)) and coef != "search" and len(coef) != len(tasks):
         raise ValueError(f"method.scaling_coef has {len(coef)} values for {len(tasks)} tasks")
-    k = cfg.method.get("k")
-    if k is not None and not 0 < float(k) <= 1:
+    k = cfg.method.get("k")  # TIES's fraction (consensus_* count tasks with an integer k, checked by the method)
+    if isinstance(k, float) and not 0 < k <= 1:
         raise ValueError(f"method.k={k} must be in (0, 1]")
     eval_device(cfg.trainer)  # trainer=gpu on a machine without CUDA
     spec = cfg.get("finetuned_from")

@@ -397,3 +397,17 @@ def test_benchmark_registers_methods():
         fn_name, kwargs = METHODS[name]
         params = inspect.signature(getattr(fm, fn_name)).parameters
         assert set(kwargs) <= set(params), name
+
+
+def test_eigh_pool_leaves_caller_threads_alone():
+    from fusion_bench.merging.spectral import eigh_many
+
+    torch.set_num_threads(2)
+    g = torch.Generator().manual_seed(14)
+    X = torch.randn(30, 12, generator=g, dtype=torch.float64)
+    G = X.T @ X
+    ((L, Q),) = eigh_many([G])
+    L0 = torch.linalg.eigvalsh(G)
+    torch.testing.assert_close(L, L0.flip(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close((Q * L) @ Q.T, G, rtol=1e-12, atol=1e-12)
+    assert torch.get_num_threads() == 2  # the pool's single-threaded BLAS is local to its threads

@@ -353,6 +353,13 @@ def test_end_to_end_standard(make_cfg, tiny_t5, glue_root, tmp_path):
     again = run(_cfg(make_cfg, tiny_t5, glue_root, "stage=evaluate", f"method.scaling_coef={report['scaling_coef']}"),
                 tmp_path / "run2", "task_arithmetic")
     assert again["tasks"] == report["tasks"]
+    # the data-free methods of 2024-2026 over T5 task vectors (task-specific ones too)
+    from tests.test_methods_in_modes import METHODS
+
+    for name, extra in METHODS.items():
+        r = run(_cfg(make_cfg, tiny_t5, glue_root, "stage=evaluate", f"method={name}", *extra), tmp_path / name, name)
+        _check_report(r, ["rte", "stsb"])
+        assert (r["storage"] is not None) == (name in ("tall_masks", "emr"))
     # analyses reuse the fine-tunes: cosine of the flattened task vectors, computed here independently
     cos = run(_cfg(make_cfg, tiny_t5, glue_root, "stage=analyze", "analysis=cosine"), tmp_path / "a1", "ta")
     from transformers import T5ForConditionalGeneration
