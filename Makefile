@@ -31,11 +31,12 @@ MODES ?= standard,linear,attention,linear_layers,lora,l_lora
 METHODS ?= task_arithmetic,ties,dare,dare_ties,awd_ta,awd_ties
 SWEEP = -m finetune=$(MODES) method=$(METHODS) method.scaling_coef=search
 
-bench-tiny:     ## every mode x every method on tiny_eight (CPU), one combined summary in the sweep dir
-	$(PY) run.py $(SWEEP)
-
 METHODS_2024 ?= tsv_merging,iso_c,iso_cts,wudi,consensus_ta,consensus_ties,tall_masks,emr,breadcrumbs,magmax,model_stock
 MODES_2024 ?= standard,attention
+
+bench-tiny:     ## every mode x every method on tiny_eight, then the 2024-2026 methods (CPU): two sweep dirs, each summarised
+	$(PY) run.py $(SWEEP)
+	$(MAKE) bench-tiny-2024
 
 bench-tiny-2024: ## the data-free methods of 2024-2026 on tiny_eight, each with its paper's defaults (CPU)
 	$(PY) run.py -m finetune=$(MODES_2024) method=$(METHODS_2024)

@@ -46,7 +46,6 @@ from fusion_bench.store import (
 log = logging.getLogger(__name__)
 
 STAGES = ("finetune", "merge", "evaluate", "all", "analyze")
-SEARCH_GRID = GRID
 
 
 class MissingFinetuneError(FileNotFoundError):
@@ -95,6 +94,7 @@ class Experiment:
 
     cfg: DictConfig
     _heads: dict = field(default_factory=dict)
+    chosen: dict = field(default_factory=dict)  # hyper-parameters picked on val (TALL lambdas), given to every merge
     modes = modes  # build_mode_model / trainable_state / to_merge_space / eval_model of this model family
 
     @cached_property
@@ -311,11 +311,6 @@ class Experiment:
             hp["scaling_coef"] = scaling_coef
         return self.method(self.pretrained_state, finetuned, **{**self.chosen, **hp})
 
-    @cached_property
-    def chosen(self) -> dict:
-        """Hyper-parameters the pipeline picked on val (TALL lambdas), passed to every merge."""
-        return {}
-
     def merged_accuracies(self, merged: dict | TaskSpecificMerge, split: str,
                           tasks: list[str] | None = None) -> dict[str, float]:
         """Accuracy of a merge on each task; a task-specific merge (TALL masks, EMR) is evaluated on task i of
@@ -408,7 +403,7 @@ def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
     ref = {t: exp.reference_accuracies(t) for t in tasks} if cfg.stage != "merge" or coef == "search" else {}
     if coef == "search":
         search = {c: normalized_mean(val, ref, "val")
-                  for c, val in zip(SEARCH_GRID, exp.grid_accuracies(finetuned, SEARCH_GRID, "val"))}
+                  for c, val in zip(GRID, exp.grid_accuracies(finetuned, GRID, "val"))}
         for c, score in search.items():
             log.info("scaling_coef %.2f: val normalized accuracy %.4f", c, score)
         coef = max(search, key=search.get)

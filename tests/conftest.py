@@ -16,6 +16,15 @@ def _threads():
     torch.set_num_threads(2)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: threads only add synchronisation cost (and stall on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("data")

@@ -32,13 +32,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
 FLOAT_KEYS = ["w1", "w2", "b", "s"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: threads only add synchronisation cost (and stall on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------

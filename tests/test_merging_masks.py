@@ -31,12 +31,7 @@ KEYS = ["w", "b", "v"]
 SHAPES = {"w": (6, 5), "b": (7,), "v": (3, 4)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(params=[None, 5], ids=["default-chunks", "chunk5"])

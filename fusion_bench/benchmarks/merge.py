@@ -46,6 +46,7 @@ METHODS: dict[str, tuple[str, dict]] = {
     "iso_c": ("iso_c", {"scaling_coef": 1.0}),
     "iso_cts": ("iso_cts", {"scaling_coef": 1.0, "common_space_fraction": 0.8}),
     "wudi": ("wudi_merging", {"scaling_coef": 1.0, "lr": 1e-5, "iterations": 300}),
+    "wudi_30_steps": ("wudi_merging", {"scaling_coef": 1.0, "lr": 1e-5, "iterations": 30}),  # per-step cost
 }
 DEFAULT_METHODS = ["weight_average", "task_arithmetic", "ties", "ties_per_tensor", "dare", "dare_ties",
                    "awd_ta", "awd_ties"]  # fmt: skip
