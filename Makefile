@@ -20,9 +20,10 @@ tiny-pretrain:  ## re-create fusion_bench/assets/tiny_clip.safetensors (determin
 bench-quick:    ## the headline figures in < 2 min: s/step, cached rerun, search cost, TIES ViT-B/32, eval images/s
 	$(PY) -m fusion_bench.benchmarks.quick
 
-bench-merge:    ## merge time and peak memory, eight ViT-B/32- and ViT-L/14-sized task vectors
+bench-merge:    ## merge time and peak memory, eight ViT-B/32- and ViT-L/14-sized task vectors (WUDI: 30 of 300 steps on L/14)
 	$(PY) -m fusion_bench.benchmarks.merge --arch vit_b32
-	$(PY) -m fusion_bench.benchmarks.merge --arch vit_l14
+	$(PY) -m fusion_bench.benchmarks.merge --arch vit_l14 --methods task_arithmetic ties awd_ta awd_ties tsv_merging \
+	    iso_c iso_cts wudi_30_steps consensus_ta consensus_ties tall_masks emr breadcrumbs magmax model_stock
 
 bench-finetune: ## fine-tuning and evaluation images/s, memory and FLOPs per mode of ViT-B/32 (bf16 on a GPU; fp32 on a CPU)
 	$(PY) -m fusion_bench.benchmarks.finetune --arch vit_b32 --json outputs/bench_finetune/vit_b32.json

@@ -48,8 +48,10 @@ METHODS: dict[str, tuple[str, dict]] = {
     "wudi": ("wudi_merging", {"scaling_coef": 1.0, "lr": 1e-5, "iterations": 300}),
     "wudi_30_steps": ("wudi_merging", {"scaling_coef": 1.0, "lr": 1e-5, "iterations": 30}),  # per-step cost
 }
+METHODS_2024 = ["tsv_merging", "iso_c", "iso_cts", "wudi", "consensus_ta", "consensus_ties", "tall_masks", "emr",
+                "breadcrumbs", "magmax", "model_stock"]  # fmt: skip
 DEFAULT_METHODS = ["weight_average", "task_arithmetic", "ties", "ties_per_tensor", "dare", "dare_ties",
-                   "awd_ta", "awd_ties"]  # fmt: skip
+                   "awd_ta", "awd_ties", *METHODS_2024]  # fmt: skip
 
 
 def checkpoint_paths(cache: Path, n_tasks: int) -> tuple[Path, list[Path]]:
