@@ -276,11 +276,11 @@ class Experiment:
         return finetune(module, self.head(task), self.tasks[task], self.cfg.model.train, self.cfg.trainer,
                         self.cfg.seed, work_dir, num_workers=self.num_workers)
 
-    def eval_key(self) -> str:
-        """What the cached reference accuracies depend on besides the checkpoint."""
-        device, autocast = self.eval_where["device"], self.eval_where["autocast"]
-        return keys.reference_key(self.cfg, {"device": device.type, "autocast": str(autocast),
-                                             "linearized": self.evaluate_linearized})
+    def eval_key(self, **extra) -> str:
+        """What the cached reference accuracies depend on besides the checkpoint (`extra`: a family's own)."""
+        evaluation = {"device": self.eval_where["device"].type, "autocast": str(self.eval_where["autocast"]),
+                      "linearized": self.evaluate_linearized}
+        return keys.reference_key(self.cfg, evaluation, **extra)
 
     def report_extras(self) -> dict:
         """Model-family specific report fields."""
@@ -354,7 +354,7 @@ class Experiment:
                                               self.cfg.model.eval_batch_size, self.eval_trainer, self.num_workers)
         else:
             acc = [grid_correct(line, self.head(t), self.tasks[t].split(split), self.cfg.model.eval_batch_size,
-                                description=f"search on {t} {split}", **self.eval_where) for t in tasks]
+                                **self.eval_where) for t in tasks]
         return [{t: acc[i][j] for i, t in enumerate(tasks)} for j in range(len(grid))]
 
 

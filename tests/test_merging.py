@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import save_models
 from peft.utils import merge_utils as pm
-from safetensors.torch import save_file
 
 import fusion_bench.merging.task_vectors as tv
 from fusion_bench.merging import (
@@ -467,15 +467,6 @@ def test_mixed_dtypes_fp16_finetuned():
     out = task_arithmetic(pre, fts16, scaling_coef=0.3)
     expected = flat(pre) + 0.3 * sum(flat(ft) - flat(pre) for ft in fts16)
     assert_close_flat(out, expected)
-
-
-def save_models(tmp_path, pre, fts):
-    save_file(pre, tmp_path / "pretrained.safetensors")
-    for i, ft in enumerate(fts):
-        save_file(ft, tmp_path / f"task{i}.safetensors")
-    return LazyStateDict(tmp_path / "pretrained.safetensors"), [
-        LazyStateDict(tmp_path / f"task{i}.safetensors") for i in range(len(fts))
-    ]
 
 
 METHODS = [

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from helpers import save_models
 
 import fusion_bench.merging.task_vectors as tv
 from fusion_bench.merging import (
-    LazyStateDict,
     TaskSpecificMerge,
     breadcrumbs,
     consensus_merging,
@@ -476,15 +475,6 @@ def test_model_stock_reference():
 # ---------------------------------------------------------------------------------------------
 # lazy inputs, dtypes, errors, configs
 # ---------------------------------------------------------------------------------------------
-def save_models(tmp_path, pre, fts):
-    save_file(pre, tmp_path / "pretrained.safetensors")
-    for i, ft in enumerate(fts):
-        save_file(ft, tmp_path / f"task{i}.safetensors")
-    return LazyStateDict(tmp_path / "pretrained.safetensors"), [
-        LazyStateDict(tmp_path / f"task{i}.safetensors") for i in range(len(fts))
-    ]
-
-
 METHODS = [
     (consensus_merging, {"lambdas": [0.3, 0.4, 0.5, 0.2]}),
     (consensus_merging, {"base": "ties", "ties_k": 0.4}),

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from helpers import save_models
 
 import fusion_bench.merging as fm
-from fusion_bench.merging import LazyStateDict, iso_c, iso_cts, task_arithmetic, tsv_merging, wudi_merging
+from fusion_bench.merging import iso_c, iso_cts, task_arithmetic, tsv_merging, wudi_merging
 from fusion_bench.merging.iso import iso_cts_sizes
 from fusion_bench.merging.wudi import wudi_optimise
 
@@ -287,15 +287,6 @@ def test_differs_from_task_arithmetic(name):
         assert torch.nn.functional.cosine_similarity(a, b, dim=0) < 0.99, k
     for k in ("cube", "bias", "scale"):  # the other float keys: mean of the task vectors
         torch.testing.assert_close(out[k] - pre[k], (ta[k] - pre[k]) / 4, rtol=1e-5, atol=1e-6)
-
-
-def save_models(tmp_path, pre, fts):
-    save_file(pre, tmp_path / "pretrained.safetensors")
-    for i, ft in enumerate(fts):
-        save_file(ft, tmp_path / f"task{i}.safetensors")
-    return LazyStateDict(tmp_path / "pretrained.safetensors"), [
-        LazyStateDict(tmp_path / f"task{i}.safetensors") for i in range(len(fts))
-    ]
 
 
 @pytest.mark.parametrize("name", list(FNS))

@@ -129,10 +129,10 @@ def test_disentanglement_evaluates_linearized_under_partial_linearization(make_c
 
 
 def test_num_tasks_searches_the_coefficient_on_val_per_subset(make_cfg):
+    from conftest import CONF
     from hydra import compose, initialize_config_dir
 
     from fusion_bench.evaluation.analysis import normalized_vs_num_tasks
-    from tests.conftest import CONF
 
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         assert compose("config", overrides=["analysis=num_tasks"]).analysis.scaling_coef == "search"

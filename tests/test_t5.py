@@ -354,7 +354,7 @@ def test_end_to_end_standard(make_cfg, tiny_t5, glue_root, tmp_path):
                 tmp_path / "run2", "task_arithmetic")
     assert again["tasks"] == report["tasks"]
     # the data-free methods of 2024-2026 over T5 task vectors (task-specific ones too)
-    from tests.test_methods_in_modes import METHODS
+    from test_methods_in_modes import METHODS
 
     for name, extra in METHODS.items():
         r = run(_cfg(make_cfg, tiny_t5, glue_root, "stage=evaluate", f"method={name}", *extra), tmp_path / name, name)

@@ -15,11 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
-from rich.progress import track
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from fusion_bench.evaluation.accuracy import eval_mode
+from fusion_bench.evaluation.accuracy import predictions
 from fusion_bench.models.clip import head_logits
 from fusion_bench.models.linearize import LinearizedModel
 
@@ -67,24 +66,21 @@ class CoefficientGrid(nn.Module):
         return out
 
 
-@torch.no_grad()
+class GridClassifier(nn.Module):
+    """A classifier whose logits hold every coefficient of the grid: [batch, len(grid), classes]."""
+
+    def __init__(self, grid: CoefficientGrid, head: torch.Tensor):
+        super().__init__()
+        self.grid = grid
+        self.register_buffer("head", head.detach().clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack(self.grid.logits(x, self.head), dim=1)
+
+
 def grid_correct(grid: CoefficientGrid, head: torch.Tensor, dataset: Dataset, batch_size: int,
-                 device: torch.device | str = "cpu", autocast: torch.dtype | None = None,
-                 num_workers: int = 0, description: str = "") -> list[float]:
-    """Accuracy on `dataset` of the merge at every c of the grid, each batch read and decoded once."""
-    device = torch.device(device)
-    grid.to(device)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
-    correct, n = torch.zeros(len(grid.grid), dtype=torch.long), 0
-    head = head.to(device)
-    with eval_mode(grid):
-        for x, y in track(loader, description=description or "coefficient search", transient=True,
-                          disable=len(dataset) < 5000):
-            y = torch.as_tensor(y)
-            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                logits = grid.logits(x.to(device, non_blocking=True), head)
-            correct += torch.stack([(lg.argmax(-1).cpu() == y).sum() for lg in logits])
-            n += len(y)
-    grid.to("cpu")
-    return (correct.double() / max(n, 1)).tolist()
+                 **where) -> list[float]:
+    """Accuracy on `dataset` of the merge at every c of the grid, each batch read and decoded once (`where`:
+    device, autocast, num_workers, as for accuracy.predictions)."""
+    pred, y = predictions(GridClassifier(grid, head), dataset, batch_size, **where)  # pred: [n, len(grid)]
+    return (pred == torch.as_tensor(y)[:, None]).double().mean(dim=0).tolist()

@@ -24,7 +24,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from fusion_bench import keys
 from fusion_bench.evaluation.accuracy import eval_device
 from fusion_bench.pipeline import Experiment, validate
 from fusion_bench.t5 import glue
@@ -115,10 +114,7 @@ class T5Experiment(Experiment):
                                c.decoder_start_token_id, c.pad_token_id)
 
     def eval_key(self) -> str:
-        device, autocast = self.eval_where["device"], self.eval_where["autocast"]
-        return keys.reference_key(self.cfg, {"device": device.type, "autocast": str(autocast),
-                                             "linearized": self.evaluate_linearized},
-                                  max_new_tokens=self.cfg.model.max_new_tokens)
+        return super().eval_key(max_new_tokens=self.cfg.model.max_new_tokens)
 
     def _train(self, task: str, module: nn.Module, work_dir: Path) -> float:
         return finetune_t5(module, self.collator(), self.tasks[task].split("train"), self.cfg.model.train,
