@@ -11,8 +11,10 @@ from torch.utils.data import Subset
 
 from fusion_bench.evaluation.accuracy import accuracy
 from fusion_bench.evaluation.distributed import distributed_accuracy
+from fusion_bench.families import build_family
 from fusion_bench.models.clip import ImageClassifier
-from fusion_bench.pipeline import Experiment
+from fusion_bench.stages.evaluate import merged_accuracies, reference_accuracies
+from fusion_bench.stages.finetune import ensure_finetuned
 
 ROOT = Path(__file__).resolve().parent.parent
 DDP = OmegaConf.create({"_target_": "lightning.Trainer", "accelerator": "cpu", "devices": 2, "strategy": "ddp_spawn",
@@ -20,7 +22,7 @@ DDP = OmegaConf.create({"_target_": "lightning.Trainer", "accelerator": "cpu", "
 
 
 def test_ddp_evaluation_counts_every_sample_once(make_cfg):
-    exp = Experiment(make_cfg("taskpool.tasks=[shapes]"))
+    exp = build_family(make_cfg("taskpool.tasks=[shapes]"))
     data = Subset(exp.tasks["shapes"].split("test"), range(333))  # odd: a padding sampler would repeat one
     clf = ImageClassifier(exp.clip.visual, exp.head("shapes"))
     single = accuracy(clf, data, 6, batch_size=50)
@@ -33,10 +35,10 @@ def test_ddp_evaluation_counts_every_sample_once(make_cfg):
 def test_ddp_evaluates_several_tasks_in_one_start_of_the_ranks(make_cfg, monkeypatch, tmp_path):
     import lightning as L
 
-    exp = Experiment(make_cfg("taskpool.tasks=[shapes,colors,digits]", "trainer=ddp", "trainer.accelerator=cpu",
-                              "trainer.precision=32-true", "trainer.devices=2",
-                              f"paths.store={tmp_path / 'ddp_store'}"))  # its own reference-accuracy cache
-    single = Experiment(make_cfg("taskpool.tasks=[shapes,colors,digits]"))
+    exp = build_family(make_cfg("taskpool.tasks=[shapes,colors,digits]", "trainer=ddp", "trainer.accelerator=cpu",
+                                "trainer.precision=32-true", "trainer.devices=2",
+                                f"paths.store={tmp_path / 'ddp_store'}"))  # its own reference-accuracy cache
+    single = build_family(make_cfg("taskpool.tasks=[shapes,colors,digits]"))
     pre = single.pretrained_state
     sizes = {"shapes": 101, "colors": 77, "digits": 133}  # odd and different: per-task counting, no padding
     for e in (exp, single):
@@ -44,12 +46,12 @@ def test_ddp_evaluates_several_tasks_in_one_start_of_the_ranks(make_cfg, monkeyp
             e.tasks[t]._cache["val"] = Subset(e.tasks[t].split("val"), range(n))
     starts, test = [], L.Trainer.test
     monkeypatch.setattr(L.Trainer, "test", lambda self, *a, **k: starts.append(1) or test(self, *a, **k))
-    assert exp.merged_accuracies(pre, "val") == single.merged_accuracies(pre, "val")  # exactly, per task
+    assert merged_accuracies(exp, pre, "val") == merged_accuracies(single, pre, "val")  # exactly, per task
     assert len(starts) == 1
     for e in (exp, single):  # references: zero-shot and fine-tuned on val and test, also one start per task
         e.tasks["shapes"]._cache["test"] = Subset(e.tasks["shapes"].split("test"), range(59))
-        e.finetuned_state = lambda task: pre
-    assert exp.reference_accuracies("shapes") == single.reference_accuracies("shapes")
+    monkeypatch.setattr("fusion_bench.stages.evaluate.finetuned_state", lambda fam, task: pre)
+    assert reference_accuracies(exp, "shapes") == reference_accuracies(single, "shapes")
     assert len(starts) == 2
 
 
@@ -57,13 +59,13 @@ def test_ddp_evaluates_several_tasks_in_one_start_of_the_ranks(make_cfg, monkeyp
 def test_ddp_finetune_matches_single_process(make_cfg, tmp_path):
     fast = ["taskpool.tasks=[textures]", "model.train.steps=30", "model.train.warmup_steps=3",
             "model.train.batch_size=32", "stage=finetune"]
-    single = Experiment(make_cfg(*fast))
-    ddp = Experiment(make_cfg(*fast, "trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true",
+    single = build_family(make_cfg(*fast))
+    ddp = build_family(make_cfg(*fast, "trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true",
                               "paths.store=" + str(tmp_path / "ddp_store")))
     accs = []
     for exp in (single, ddp):
-        exp.ensure_finetuned("textures")
-        accs.append(exp.reference_accuracies("textures"))
+        ensure_finetuned(exp, "textures")
+        accs.append(reference_accuracies(exp, "textures"))
     zs = accs[0]["zeroshot_test"]
     assert accs[0]["zeroshot_test"] == accs[1]["zeroshot_test"]  # DDP evaluation of the same weights: identical
     for a in accs:

@@ -24,12 +24,12 @@ def test_eval_device_follows_the_trainer():
 
 
 def test_trainer_gpu_without_a_gpu_is_a_config_error(make_cfg):
-    from fusion_bench.pipeline import validate
+    from fusion_bench.families import build_family
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     with pytest.raises(RuntimeError, match="no CUDA GPU"):
-        validate(make_cfg("trainer=gpu"))
+        build_family(make_cfg("trainer=gpu"))
 
 
 def _model_and_data(n=300):
@@ -69,13 +69,14 @@ def test_autocast_runs_the_model_in_bf16():
 def test_bf16_mixed_run_end_to_end(make_cfg, tmp_path):
     """trainer=gpu's precision path on the CPU: bf16-mixed fine-tuning and bf16 autocast evaluation of a
     linearized (jvp) model."""
-    from fusion_bench.pipeline import Experiment, run
+    from fusion_bench.families import build_family
+    from fusion_bench.pipeline import run
 
     cfg = make_cfg("finetune=linear", "trainer.precision=bf16-mixed", "taskpool.tasks=[digits,textures]",
                    "method.scaling_coef=0.3", "model.train.steps=12", "model.train.warmup_steps=2",
                    "model.train.batch_size=32", "model.train.checkpoint_every=6", "eval_precision=null")
-    assert Experiment(cfg).eval_where["autocast"] == torch.bfloat16  # eval_precision=null: the trainer's
-    default = Experiment(make_cfg("trainer.precision=bf16-mixed"))
+    assert build_family(cfg).eval_where["autocast"] == torch.bfloat16  # eval_precision=null: the trainer's
+    default = build_family(make_cfg("trainer.precision=bf16-mixed"))
     assert default.eval_where["autocast"] is None and default.eval_trainer.precision == "32-true"
     report = run(cfg, tmp_path / "run", "task_arithmetic")
     for t in ("digits", "textures"):

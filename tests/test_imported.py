@@ -5,13 +5,15 @@ import torch
 from safetensors.torch import save_file
 
 from fusion_bench.evaluation.accuracy import accuracy
+from fusion_bench.families import build_family
 from fusion_bench.models.clip import ImageClassifier, WeightsFormatError
-from fusion_bench.pipeline import Experiment, run, validate
+from fusion_bench.pipeline import run
+from fusion_bench.stages.finetune import ensure_finetuned, finetuned_state
 
 TASKS = ["digits", "textures"]
 
 
-def _fine_tunes(exp: Experiment, tmp_path) -> dict[str, dict[str, torch.Tensor]]:
+def _fine_tunes(exp, tmp_path) -> dict[str, dict[str, torch.Tensor]]:
     """Two 'published' fine-tunes of the tiny CLIP: one a whole CLIP in safetensors (open_clip keys), one an
     image-encoder state dict without the projection (as a CLIPVisionModel has none), saved with torch.save."""
     g = torch.Generator().manual_seed(0)
@@ -30,9 +32,9 @@ def test_imported_fine_tunes_are_merged_without_training(make_cfg, tmp_path, mon
     spec = {"digits": str(tmp_path / "ft_digits.safetensors"), "textures": str(tmp_path / "ft_textures.pt")}
     cfg = make_cfg(f"taskpool.tasks=[{','.join(TASKS)}]", "method=task_arithmetic", "method.scaling_coef=0.5",
                    "finetuned_from={digits:" + spec["digits"] + ",textures:" + spec["textures"] + "}")
-    exp = Experiment(cfg)
+    exp = build_family(cfg, validate=False)  # the files it names are written next
     tuned = _fine_tunes(exp, tmp_path)
-    monkeypatch.setattr("fusion_bench.pipeline.finetune", lambda *a, **k: pytest.fail("fine-tuned an import"))
+    monkeypatch.setattr("fusion_bench.families.clip.finetune", lambda *a, **k: pytest.fail("fine-tuned an import"))
     report = run(cfg, tmp_path / "run", "task_arithmetic")
 
     # independent reference: load the weights into the encoder by hand and evaluate
@@ -55,24 +57,23 @@ def test_imported_fine_tunes_are_merged_without_training(make_cfg, tmp_path, mon
 
 
 def test_template_path_hydra_override_and_errors(make_cfg, tmp_path):
-    exp = Experiment(make_cfg())
+    exp = build_family(make_cfg())
     _fine_tunes(exp, tmp_path)
     (tmp_path / "ft_textures.safetensors").symlink_to(tmp_path / "ft_digits.safetensors")
     cfg = make_cfg("taskpool.tasks=[digits,textures]", f"finetuned_from='{tmp_path}/ft_{{task}}.safetensors'")
-    validate(cfg)
-    imported = Experiment(cfg)
+    imported = build_family(cfg)
     assert imported.imported("textures") == tmp_path / "ft_textures.safetensors"
-    assert imported.checkpoint("digits") != Experiment(make_cfg()).checkpoint("digits")  # not a trained one
-    assert imported.finetuned_state("digits")  # any stage imports on demand
+    assert imported.checkpoint("digits") != build_family(make_cfg()).checkpoint("digits")  # not a trained one
+    assert finetuned_state(imported, "digits")  # any stage imports on demand
 
     with pytest.raises(ValueError, match="use finetune=standard"):
-        validate(make_cfg("finetune=lora", f"finetuned_from='{tmp_path}/ft_{{task}}.safetensors'"))
-    validate(make_cfg("finetune=linear", "finetune.posthoc=true", f"finetuned_from='{tmp_path}/ft_{{task}}.pt'",
+        build_family(make_cfg("finetune=lora", f"finetuned_from='{tmp_path}/ft_{{task}}.safetensors'"))
+    build_family(make_cfg("finetune=linear", "finetune.posthoc=true", f"finetuned_from='{tmp_path}/ft_{{task}}.pt'",
                       "taskpool.tasks=[textures]"))  # tangent evaluation of standard fine-tunes
     with pytest.raises(ValueError, match=r"put \{task\}"):
-        validate(make_cfg("taskpool.tasks=[digits,textures]", f"finetuned_from={tmp_path}/ft_digits.safetensors"))
+        build_family(make_cfg("taskpool.tasks=[digits,textures]", f"finetuned_from={tmp_path}/ft_digits.safetensors"))
     with pytest.raises(FileNotFoundError, match="ft_shapes.safetensors"):
-        validate(make_cfg("taskpool.tasks=[digits,shapes]", f"finetuned_from='{tmp_path}/ft_{{task}}.safetensors'"))
+        build_family(make_cfg("taskpool.tasks=[digits,shapes]", f"finetuned_from='{tmp_path}/ft_{{task}}.safetensors'"))
 
     bad = {k: v for k, v in exp.clip.visual.state_dict().items() if k != "conv1.weight"}
     torch.save(bad, tmp_path / "ft_missing.pt")
@@ -80,5 +81,5 @@ def test_template_path_hydra_override_and_errors(make_cfg, tmp_path):
     torch.save(bad, tmp_path / "ft_shape.pt")
     for name, match in (("missing", "missing keys \\['conv1.weight'\\]"), ("shape", "other shapes.*conv1.weight")):
         with pytest.raises(WeightsFormatError, match=match):
-            Experiment(make_cfg("taskpool.tasks=[digits]", f"finetuned_from={tmp_path}/ft_{name}.pt")) \
-                .ensure_finetuned("digits")
+            ensure_finetuned(build_family(make_cfg("taskpool.tasks=[digits]",
+                                                   f"finetuned_from={tmp_path}/ft_{name}.pt")), "digits")

@@ -288,15 +288,15 @@ def test_linearized_evaluation_needs_l_lora(tiny64):
 
 def test_partial_linearization_method(make_cfg):
     from fusion_bench.merging.partial_linearization import partial_linearization
-    from fusion_bench.pipeline import Experiment
+    from fusion_bench.stages.merge import Method
 
     pre = {"a": torch.zeros(3)}
     out = partial_linearization(pre, [{"a": torch.ones(3)}, {"a": 2 * torch.ones(3)}], scaling_coef=0.5)
     torch.testing.assert_close(out["a"], torch.full((3,), 1.5))
-    fn = Experiment(make_cfg("finetune=l_lora", "method=partial_linearization")).method
-    assert fn.func.requires_mode == "l_lora" and fn.func.evaluate_linearized is True
+    fn = Method(make_cfg("finetune=l_lora", "method=partial_linearization").method, "l_lora")
+    assert fn.func.requires_mode == "l_lora" and fn.evaluate_linearized is True
     with pytest.raises(ValueError, match="finetune=l_lora"):
-        _ = Experiment(make_cfg("finetune=lora", "method=partial_linearization")).method
+        Method(make_cfg("finetune=lora", "method=partial_linearization").method, "lora")
 
 
 @pytest.mark.parametrize("mode", ["lora", "l_lora"])

@@ -3,8 +3,9 @@
 import pytest
 from safetensors import safe_open
 
+from fusion_bench.families import build_family
 from fusion_bench.models.modes import trainable_state
-from fusion_bench.pipeline import Experiment, run
+from fusion_bench.pipeline import run
 
 FAST = ["taskpool.tasks=[colors,position]", "model.train.steps=8", "model.train.warmup_steps=2",
         "model.train.batch_size=32", "model.train.checkpoint_every=10"]
@@ -38,7 +39,7 @@ def test_mode_end_to_end(make_cfg, tmp_path, overrides):
     cfg = make_cfg(*overrides, *FAST, "method=task_arithmetic")
     mode = cfg.finetune.mode
     check_report(run(cfg, tmp_path / "run", "task_arithmetic"), mode, "task_arithmetic")
-    expected = set(trainable_state(Experiment(cfg).base))
+    expected = set(trainable_state(build_family(cfg).base))
     assert all(keys == expected for keys in stored_keys(tmp_path, mode))
     if mode == "lora":
         assert all(".lora_A." in k or ".lora_B." in k for k in expected)
@@ -51,12 +52,12 @@ def test_l_lora_end_to_end_then_partial_linearization(make_cfg, tmp_path, monkey
     cfg = make_cfg("finetune=l_lora", *FAST, "method=task_arithmetic")
     ta = run(cfg, tmp_path / "ta", "task_arithmetic")
     check_report(ta, "l_lora", "task_arithmetic")
-    expected = set(trainable_state(Experiment(cfg).base))
+    expected = set(trainable_state(build_family(cfg).base))
     assert all(".lora_" in k for k in expected)
     assert all(keys == expected for keys in stored_keys(tmp_path, "l_lora"))
 
     # the same fine-tunes, merged by task arithmetic and evaluated through the linearized adapters
-    monkeypatch.setattr("fusion_bench.pipeline.finetune", lambda *a, **k: pytest.fail("retrained a cached task"))
+    monkeypatch.setattr("fusion_bench.families.clip.finetune", lambda *a, **k: pytest.fail("retrained a cached task"))
     pl = run(make_cfg("finetune=l_lora", *FAST, "method=partial_linearization"), tmp_path / "pl",
              "partial_linearization")
     check_report(pl, "l_lora", "partial_linearization")
@@ -68,7 +69,7 @@ def test_l_lora_end_to_end_then_partial_linearization(make_cfg, tmp_path, monkey
 @pytest.mark.slow
 def test_posthoc_linearization_reuses_standard_finetunes(make_cfg, tmp_path, monkeypatch):
     std = run(make_cfg(*FAST, "method.scaling_coef=0.3"), tmp_path / "std", "task_arithmetic")
-    monkeypatch.setattr("fusion_bench.pipeline.finetune", lambda *a, **k: pytest.fail("retrained a cached task"))
+    monkeypatch.setattr("fusion_bench.families.clip.finetune", lambda *a, **k: pytest.fail("retrained a cached task"))
     post = run(make_cfg(*FAST, "finetune=linear", "finetune.posthoc=true", "method.scaling_coef=0.3"),
                tmp_path / "post", "task_arithmetic")
     check_report(post, "linear", "task_arithmetic")

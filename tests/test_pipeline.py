@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from fusion_bench.pipeline import MissingFinetuneError, run
+from fusion_bench.pipeline import run
+from fusion_bench.stages.finetune import MissingFinetuneError
 from fusion_bench.store import CheckpointError
 
 FAST = ["taskpool.tasks=[digits,textures]", "method.scaling_coef=0.3", "model.train.steps=15", "model.train.warmup_steps=3",
@@ -33,7 +34,7 @@ def test_end_to_end_two_tasks(make_cfg, tmp_path, monkeypatch):
     assert avg["finetuned"] > avg["zeroshot"]
 
     # a rerun reuses the stored fine-tunes: training must not be called again
-    monkeypatch.setattr("fusion_bench.pipeline.finetune", lambda *a, **k: pytest.fail("retrained a cached task"))
+    monkeypatch.setattr("fusion_bench.families.clip.finetune", lambda *a, **k: pytest.fail("retrained a cached task"))
     again = run(make_cfg(*FAST), tmp_path / "run2", "task_arithmetic")
     assert again["tasks"] == report["tasks"]
 
@@ -59,22 +60,23 @@ def test_scaling_coef_search_on_val(make_cfg, tmp_path):
 
 
 def test_config_errors_caught_before_training(make_cfg, tmp_path):
-    from fusion_bench.pipeline import validate
+    from fusion_bench.families import build_family
 
     with pytest.raises(ValueError, match="unknown task"):
-        validate(make_cfg("taskpool.tasks=[digits,imagenet]"))
+        build_family(make_cfg("taskpool.tasks=[digits,imagenet]"))
     with pytest.raises(ValueError, match="stage"):
-        validate(make_cfg("stage=train"))
+        build_family(make_cfg("stage=train"))
     with pytest.raises(ValueError, match="3 values for 2 tasks"):
-        validate(make_cfg("taskpool.tasks=[digits,shapes]", "method.scaling_coef=[0.1,0.2,0.3]"))
+        build_family(make_cfg("taskpool.tasks=[digits,shapes]", "method.scaling_coef=[0.1,0.2,0.3]"))
 
 
 @pytest.mark.slow
 def test_same_seed_same_report_and_foreign_task_vectors_refused(make_cfg, tmp_path):
     import shutil
 
+    from fusion_bench.families import build_family
     from fusion_bench.models.clip import create_clip
-    from fusion_bench.pipeline import Experiment
+    from fusion_bench.stages.finetune import finetuned_state
     from fusion_bench.store import atomic_save_safetensors
 
     fast = ["taskpool.tasks=[textures,counting]", "method.scaling_coef=0.3", "model.train.steps=10",
@@ -85,12 +87,12 @@ def test_same_seed_same_report_and_foreign_task_vectors_refused(make_cfg, tmp_pa
 
     other = tmp_path / "other_clip.safetensors"
     atomic_save_safetensors(create_clip("tiny-clip").state_dict(), other)
-    mine = Experiment(make_cfg(*fast, f"paths.store={tmp_path}/store_a"))
-    foreign = Experiment(make_cfg(*fast, f"paths.store={tmp_path}/store_a", f"model.pretrained={other}"))
+    mine = build_family(make_cfg(*fast, f"paths.store={tmp_path}/store_a"))
+    foreign = build_family(make_cfg(*fast, f"paths.store={tmp_path}/store_a", f"model.pretrained={other}"))
     foreign.checkpoint("textures").parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(mine.checkpoint("textures"), foreign.checkpoint("textures"))
     with pytest.raises(CheckpointError, match="fine-tuned from another pretrained model"):
-        foreign.finetuned_state("textures")
+        finetuned_state(foreign, "textures")
 
 
 @pytest.mark.slow

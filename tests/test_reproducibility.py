@@ -8,8 +8,10 @@ from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
 from fusion_bench.evaluation.accuracy import accuracy
+from fusion_bench.families import build_family
 from fusion_bench.models.clip import ImageClassifier
-from fusion_bench.pipeline import Experiment
+from fusion_bench.stages.evaluate import eval_key
+from fusion_bench.stages.merge import Method
 
 
 # ---- 1. logits in fp32 under autocast ---------------------------------------------------------------------------
@@ -33,11 +35,13 @@ POOL = ["taskpool=eight_tasks", "paths.data_root=/data/a"]
 
 
 def _ckpt(make_cfg, *overrides):
-    return Experiment(make_cfg(*POOL, *overrides)).checkpoint("mnist")
+    return build_family(make_cfg(*POOL, *overrides)).checkpoint("mnist")
 
 
 def _ref_key(make_cfg, *overrides):
-    return Experiment(make_cfg(*POOL, *overrides)).eval_key()
+    cfg = make_cfg(*POOL, *overrides)
+    fam = build_family(cfg)
+    return eval_key(fam, Method(cfg.method, fam.mode).evaluate_linearized)
 
 
 MATTERS_FOR_FINETUNES = ["paths.data_root=/data/b", "taskpool.val_fraction=0.2", "taskpool.max_val=100",
@@ -70,9 +74,8 @@ def test_posthoc_linearization_and_lora_task_vectors_share_checkpoints(make_cfg)
                                       "taskpool.split_seed=1", "taskpool.max_val=100", "finetune=linear",
                                       "model.train.lr=1e-4"])
 def test_reference_accuracies_key_holds_data_precision_and_split(make_cfg, override):
-    exp = Experiment(make_cfg(*POOL, override))
-    key = (exp.checkpoint("mnist"), exp.eval_key())
-    assert key != (Experiment(make_cfg(*POOL)).checkpoint("mnist"), _ref_key(make_cfg))
+    key = (_ckpt(make_cfg, override), _ref_key(make_cfg, override))
+    assert key != (_ckpt(make_cfg), _ref_key(make_cfg))
 
 
 @pytest.mark.parametrize("override", ["taskpool.num_workers=0", "taskpool.cache_eval=false", "method=ties",
@@ -91,44 +94,46 @@ def test_reference_key_differs_for_linearized_evaluation(make_cfg):
 def test_fingerprint_covers_the_pretrained_encoder_in_every_mode(make_cfg, tmp_path, mode):
     from fusion_bench.store import atomic_save_safetensors
 
-    mine = Experiment(make_cfg(f"finetune={mode}"))
+    mine = build_family(make_cfg(f"finetune={mode}"))
     other = tmp_path / "other_clip.safetensors"
     state = {k: v.clone() for k, v in mine.clip.state_dict().items()}
     state["visual.ln_post.weight"] += 0.01  # a weight no mode trains: only the fingerprint can see it
     atomic_save_safetensors(state, other)
-    foreign = Experiment(make_cfg(f"finetune={mode}", f"model.pretrained={other}"))
+    foreign = build_family(make_cfg(f"finetune={mode}", f"model.pretrained={other}"))
     assert foreign.fingerprint != mine.fingerprint
     assert foreign.checkpoint("digits") != mine.checkpoint("digits")  # a miss, not a silent reuse
     same = tmp_path / "same_clip.safetensors"
     atomic_save_safetensors(mine.clip.state_dict(), same)
-    assert Experiment(make_cfg(f"finetune={mode}", f"model.pretrained={same}")).checkpoint("digits") == \
+    assert build_family(make_cfg(f"finetune={mode}", f"model.pretrained={same}")).checkpoint("digits") == \
         mine.checkpoint("digits")  # the same weights read from another file: a hit
 
 
 # ---- 5. analyses evaluate as the pipeline does ------------------------------------------------------------------
-def _two_task_experiment(make_cfg, *overrides):
-    exp = Experiment(make_cfg("taskpool.tasks=[shapes,colors]", "model.eval_batch_size=32", *overrides))
+def _two_task_experiment(make_cfg, monkeypatch, *overrides):
+    cfg = make_cfg("taskpool.tasks=[shapes,colors]", "model.eval_batch_size=32", *overrides)
+    exp = build_family(cfg)
     for t in exp.tasks:
         for split, n in (("val", 40), ("test", 40)):
             exp.tasks[t]._cache[split] = Subset(exp.tasks[t].split(split), range(n))
     g = torch.Generator().manual_seed(2)
     fts = {t: {k: v + v.std().clamp_min(0.05) * torch.randn(v.shape, generator=g)
                for k, v in exp.pretrained_state.items()} for t in exp.tasks}
-    exp.finetuned_state = fts.__getitem__
-    return exp
+    for where in ("fusion_bench.evaluation.analysis", "fusion_bench.stages.evaluate"):
+        monkeypatch.setattr(f"{where}.finetuned_state", lambda fam, task: fts[task])
+    return exp, Method(cfg.method, exp.mode), fts
 
 
-def test_disentanglement_evaluates_linearized_under_partial_linearization(make_cfg):
+def test_disentanglement_evaluates_linearized_under_partial_linearization(make_cfg, monkeypatch):
     from fusion_bench.evaluation.analysis import disentanglement_error
 
-    exp = _two_task_experiment(make_cfg, "finetune=l_lora", "method=partial_linearization")
+    exp, method, _ = _two_task_experiment(make_cfg, monkeypatch, "finetune=l_lora", "method=partial_linearization")
     seen, real = [], exp.model_with
     exp.model_with = lambda merged, linearized=False: seen.append(linearized) or real(merged, linearized)
-    disentanglement_error(exp, ["shapes", "colors"], [0.0, 1.0])
+    disentanglement_error(exp, method, ["shapes", "colors"], [0.0, 1.0])
     assert seen and all(seen)
 
 
-def test_num_tasks_searches_the_coefficient_on_val_per_subset(make_cfg):
+def test_num_tasks_searches_the_coefficient_on_val_per_subset(make_cfg, monkeypatch):
     from conftest import CONF
     from hydra import compose, initialize_config_dir
 
@@ -136,15 +141,17 @@ def test_num_tasks_searches_the_coefficient_on_val_per_subset(make_cfg):
 
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         assert compose("config", overrides=["analysis=num_tasks"]).analysis.scaling_coef == "search"
-    exp = _two_task_experiment(make_cfg)
+    from fusion_bench.stages.evaluate import grid_accuracies
+
+    exp, method, fts = _two_task_experiment(make_cfg, monkeypatch)
     searched = []
-    real = exp.grid_accuracies
-    exp.grid_accuracies = lambda fts, grid, split, tasks=None: searched.append((len(fts), split)) or real(
-        fts, grid, split, tasks)
-    curve = normalized_vs_num_tasks(exp, "search", max_subsets=4)
+    monkeypatch.setattr("fusion_bench.evaluation.analysis.grid_accuracies",
+                        lambda fam, m, states, grid, split, tasks=None: searched.append((len(states), split))
+                        or grid_accuracies(fam, m, states, grid, split, tasks))
+    curve = normalized_vs_num_tasks(exp, method, "search", max_subsets=4)
     assert searched == [(2, "val")]
     coef = curve[2]["scaling_coefs"][0]
-    val = real([exp.finetuned_state(t) for t in exp.tasks], [coef], "val")
+    val = grid_accuracies(exp, method, [fts[t] for t in exp.tasks], [coef], "val")
     assert coef in [round(0.05 * i, 2) for i in range(21)] and 0 < val[0]["shapes"] <= 1
 
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from fusion_bench.families import build_family
 from fusion_bench.finetune import train
 from fusion_bench.finetune.sampler import SeededAugmentation, StepBatchSampler
-from fusion_bench.pipeline import Experiment
+from fusion_bench.stages.finetune import ensure_finetuned
 from fusion_bench.store import load_safetensors
 
 FAST = ["taskpool.tasks=[colors]", "model.train.steps=16", "model.train.warmup_steps=2",
@@ -89,19 +90,19 @@ def test_augmentation_seeds_the_cpu_generator_only(monkeypatch):
 
 @pytest.mark.slow
 def test_interrupted_finetune_resumes_to_identical_weights(make_cfg, tmp_path, monkeypatch):
-    straight = Experiment(make_cfg(*FAST, f"paths.store={tmp_path}/a"))
-    reference = load_safetensors(straight.ensure_finetuned("colors"))
+    straight = build_family(make_cfg(*FAST, f"paths.store={tmp_path}/a"))
+    reference = load_safetensors(ensure_finetuned(straight, "colors"))
 
-    crashed = Experiment(make_cfg(*FAST, f"paths.store={tmp_path}/b"))
+    crashed = build_family(make_cfg(*FAST, f"paths.store={tmp_path}/b"))
     with monkeypatch.context() as m:
-        m.setattr("fusion_bench.pipeline.finetune", functools.partial(train.finetune, callbacks=[Crash()]))
+        m.setattr("fusion_bench.families.clip.finetune", functools.partial(train.finetune, callbacks=[Crash()]))
         with pytest.raises(RuntimeError, match="simulated crash"):
-            crashed.ensure_finetuned("colors")
+            ensure_finetuned(crashed, "colors")
     partial = crashed.checkpoint("colors").with_suffix(".partial") / "checkpoints" / "last.ckpt"
     assert partial.is_file() and not crashed.checkpoint("colors").exists()
     assert torch.load(partial, weights_only=False)["global_step"] == 10
 
-    resumed = load_safetensors(crashed.ensure_finetuned("colors"))
+    resumed = load_safetensors(ensure_finetuned(crashed, "colors"))
     assert not partial.exists()
     assert resumed.keys() == reference.keys()
     for k in reference:

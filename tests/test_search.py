@@ -7,7 +7,9 @@ from torch.utils.data import Subset
 
 from fusion_bench import merging
 from fusion_bench.evaluation.search import GRID
-from fusion_bench.pipeline import Experiment
+from fusion_bench.families import build_family
+from fusion_bench.stages.evaluate import grid_accuracies, merged_accuracies
+from fusion_bench.stages.merge import Method
 
 SCALED = {  # every library method with a scaling_coef, with hyper-parameters where they differ from TA
     "task_arithmetic": {}, "ties_merging": {"k": 0.3}, "dare": {"p": 0.5}, "awd_ta": {}, "awd_ties": {"k": 0.3},
@@ -35,11 +37,11 @@ def test_every_scaled_method_is_affine_in_its_coefficient(name):
 
 
 def _experiment(make_cfg, *overrides, sizes=(("shapes", 90), ("colors", 70))):
-    exp = Experiment(make_cfg(f"taskpool.tasks=[{','.join(t for t, _ in sizes)}]", "model.eval_batch_size=32",
-                              *overrides))
+    cfg = make_cfg(f"taskpool.tasks=[{','.join(t for t, _ in sizes)}]", "model.eval_batch_size=32", *overrides)
+    exp = build_family(cfg)
     for t, n in sizes:  # odd sizes: a last partial batch
         exp.tasks[t]._cache["val"] = Subset(exp.tasks[t].split("val"), range(n))
-    return exp
+    return exp, Method(cfg.method, exp.mode)
 
 
 def _fake_finetunes(exp, scale):
@@ -73,13 +75,14 @@ class _Counted(torch.utils.data.Dataset):
     (("method=ties", "method.k=0.3"), 0.3),
 ], ids=["standard", "attention", "lora", "lora-adapters", "l_lora", "linear-jvp", "partial_lin-jvp", "ties"])
 def test_grid_equals_separate_merges_and_evaluations(make_cfg, overrides, scale):
-    exp = _experiment(make_cfg, *overrides)
+    exp, method = _experiment(make_cfg, *overrides)
     fts = _fake_finetunes(exp, scale)
-    separate = [exp.merged_accuracies(exp.merge(fts, c), "val") for c in GRID]
+    lin = method.evaluate_linearized
+    separate = [merged_accuracies(exp, method(exp.pretrained_state, fts, c), "val", linearized=lin) for c in GRID]
     reads = []
     for t in exp.tasks:  # count how often each val sample is read
         exp.tasks[t]._cache["val"] = _Counted(exp.tasks[t]._cache["val"], t, reads)
-    grid = exp.grid_accuracies(fts, GRID, "val")
+    grid = grid_accuracies(exp, method, fts, GRID, "val")
     assert len(reads) == len(set(reads)) == 160  # every val sample decoded once for all 21 coefficients
     assert len({round(a["shapes"], 6) for a in separate}) > 3  # the curve is not flat: a real comparison
     for c, a, b in zip(GRID, grid, separate, strict=True):
@@ -94,14 +97,14 @@ def test_search_holds_one_evaluation_encoder(make_cfg):
 
     from fusion_bench.models import clip
 
-    exp = _experiment(make_cfg)
+    exp, method = _experiment(make_cfg)
     fts = _fake_finetunes(exp, 0.3)
     made = []
     real = clip.ImageClassifier.__init__
     clip.ImageClassifier.__init__ = lambda self, *a, **k: made.append(1) or real(self, *a, **k)
     try:
         gc.collect()
-        exp.grid_accuracies(fts, GRID, "val")
+        grid_accuracies(exp, method, fts, GRID, "val")
     finally:
         clip.ImageClassifier.__init__ = real
     assert made == []  # the grid never builds a classifier per coefficient (or at all)
@@ -113,12 +116,12 @@ DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true", "t
 def test_ddp_search_in_one_start_of_the_ranks(make_cfg, monkeypatch, tmp_path):
     import lightning as L
 
-    exp = _experiment(make_cfg, *DDP, f"paths.store={tmp_path / 'ddp'}")
-    single = _experiment(make_cfg)
+    exp, method = _experiment(make_cfg, *DDP, f"paths.store={tmp_path / 'ddp'}")
+    single, _ = _experiment(make_cfg)
     fts = _fake_finetunes(single, 0.3)
     starts, test = [], L.Trainer.test
     monkeypatch.setattr(L.Trainer, "test", lambda self, *a, **k: starts.append(1) or test(self, *a, **k))
-    ddp, one = exp.grid_accuracies(fts, GRID, "val"), single.grid_accuracies(fts, GRID, "val")
+    ddp, one = grid_accuracies(exp, method, fts, GRID, "val"), grid_accuracies(single, method, fts, GRID, "val")
     assert len(starts) == 1
     for a, b in zip(ddp, one, strict=True):
         assert a == pytest.approx(b, abs=1e-6)  # the same counts (torchmetrics divides in float32)
@@ -132,9 +135,9 @@ def test_non_affine_method_is_searched_by_merging_at_each_coefficient(make_cfg):
         return merging.task_arithmetic(pretrained, finetuned, scaling_coef=scaling_coef ** 2)
 
     squared.affine_in_scaling_coef = False
-    exp = _experiment(make_cfg)
-    exp.__dict__["method"] = squared
+    exp, method = _experiment(make_cfg)
+    method.fn = method.func = squared
     fts = _fake_finetunes(exp, 0.3)
-    got = exp.grid_accuracies(fts, [0.0, 0.5, 1.0], "val")
+    got = grid_accuracies(exp, method, fts, [0.0, 0.5, 1.0], "val")
     assert calls == [0.0, 0.5, 1.0]
-    assert got[1] == exp.merged_accuracies(merging.task_arithmetic(exp.pretrained_state, fts, 0.25), "val")
+    assert got[1] == merged_accuracies(exp, merging.task_arithmetic(exp.pretrained_state, fts, 0.25), "val")

@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from fusion_bench.models.clip import WeightsNotFoundError
-from fusion_bench.pipeline import MissingFinetuneError, run
+from fusion_bench.pipeline import run
+from fusion_bench.stages.finetune import MissingFinetuneError
 from fusion_bench.store import load_safetensors
 from fusion_bench.t5 import glue
 
@@ -389,8 +390,9 @@ def test_end_to_end_lora_modes(make_cfg, tiny_t5, glue_root, tmp_path, mode, met
 def test_interrupted_finetune_resumes_to_identical_weights(make_cfg, tiny_t5, glue_root, tmp_path, monkeypatch):
     from lightning.pytorch.callbacks import Callback
 
-    from fusion_bench.t5 import pipeline, train
-    from fusion_bench.t5.pipeline import T5Experiment
+    from fusion_bench.stages.finetune import ensure_finetuned
+    from fusion_bench.t5 import family, train
+    from fusion_bench.t5.family import T5Family
 
     class Crash(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -398,39 +400,39 @@ def test_interrupted_finetune_resumes_to_identical_weights(make_cfg, tiny_t5, gl
                 raise RuntimeError("simulated crash")
 
     args = ("taskpool.tasks=[rte]", "stage=finetune", "model.train.steps=9")
-    reference = load_safetensors(T5Experiment(_cfg(make_cfg, tiny_t5, glue_root, *args, f"paths.store={tmp_path}/a"))
-                                 .ensure_finetuned("rte"))
-    crashed = T5Experiment(_cfg(make_cfg, tiny_t5, glue_root, *args, f"paths.store={tmp_path}/b"))
+    reference = load_safetensors(ensure_finetuned(
+        T5Family(_cfg(make_cfg, tiny_t5, glue_root, *args, f"paths.store={tmp_path}/a")), "rte"))
+    crashed = T5Family(_cfg(make_cfg, tiny_t5, glue_root, *args, f"paths.store={tmp_path}/b"))
     with monkeypatch.context() as m:
-        m.setattr(pipeline, "finetune_t5", lambda *a, **k: train.finetune_t5(*a, **k, callbacks=[Crash()]))
+        m.setattr(family, "finetune_t5", lambda *a, **k: train.finetune_t5(*a, **k, callbacks=[Crash()]))
         with pytest.raises(RuntimeError, match="simulated crash"):
-            crashed.ensure_finetuned("rte")
+            ensure_finetuned(crashed, "rte")
     last = crashed.checkpoint("rte").with_suffix(".partial") / "checkpoints/last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 5
-    resumed = load_safetensors(crashed.ensure_finetuned("rte"))
+    resumed = load_safetensors(ensure_finetuned(crashed, "rte"))
     assert resumed.keys() == reference.keys()
     for k in reference:
         torch.testing.assert_close(resumed[k], reference[k], rtol=0, atol=1e-6, msg=k)
 
 
 def test_config_errors(make_cfg, tiny_t5, glue_root, tmp_path, monkeypatch):
-    from fusion_bench.t5.pipeline import T5Experiment, validate_t5
+    from fusion_bench.t5.family import T5Family
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(ValueError, match="not available for T5"):
-        validate_t5(_cfg(make_cfg, tiny_t5, glue_root, "finetune=attention"))
+        T5Family.validate(_cfg(make_cfg, tiny_t5, glue_root, "finetune=attention"))
     with pytest.raises(ValueError, match="unknown task"):
-        validate_t5(_cfg(make_cfg, tiny_t5, glue_root, "taskpool.tasks=[rte,wnli]"))
+        T5Family.validate(_cfg(make_cfg, tiny_t5, glue_root, "taskpool.tasks=[rte,wnli]"))
     with pytest.raises(ValueError, match="overflow float16"):
-        validate_t5(_cfg(make_cfg, tiny_t5, glue_root, "trainer.precision=16-mixed"))
-    bf16 = T5Experiment(_cfg(make_cfg, tiny_t5, glue_root, "trainer.precision=bf16-mixed",
-                                       "eval_precision=null"))  # evaluate at the trainer's precision
+        T5Family.validate(_cfg(make_cfg, tiny_t5, glue_root, "trainer.precision=16-mixed"))
+    bf16 = T5Family(_cfg(make_cfg, tiny_t5, glue_root, "trainer.precision=bf16-mixed",
+                         "eval_precision=null"))  # evaluate at the trainer's precision
     assert bf16.eval_where == {"device": torch.device("cpu"), "autocast": torch.bfloat16}
     with pytest.raises(ValueError, match="use taskpool=glue"):
-        validate_t5(make_cfg("model=tiny_t5"))
+        T5Family.validate(make_cfg("model=tiny_t5"))
     for name in ("flan_t5_base", "flan_t5_large"):
         cfg = make_cfg(f"model={name}", "taskpool=glue", f"paths.cache_dir={tmp_path}")
         assert cfg.model.family == "t5" and cfg.model.hf_id == f"google/{name.replace('_', '-')}"
-        validate_t5(cfg)
+        T5Family.validate(cfg)
         with pytest.raises(WeightsNotFoundError, match=f"models--google--{name.replace('_', '-')}"):
             run(cfg, tmp_path / "r", "task_arithmetic")

@@ -8,14 +8,18 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import Subset
 
+from fusion_bench.families import build_family
 from fusion_bench.merging import emr_merging, tall_masks
 from fusion_bench.merging.consensus import tall_mask_lambda_grid
 from fusion_bench.models.clip import ImageClassifier
-from fusion_bench.pipeline import Experiment, run
+from fusion_bench.pipeline import run
+from fusion_bench.stages.coefficients import choose_tall_lambdas
+from fusion_bench.stages.evaluate import merged_accuracies
+from fusion_bench.stages.merge import Method
 
 
 def _experiment(make_cfg, *overrides):
-    exp = Experiment(make_cfg("taskpool.tasks=[shapes,colors,position]", "model.eval_batch_size=32", *overrides))
+    exp = build_family(make_cfg("taskpool.tasks=[shapes,colors,position]", "model.eval_batch_size=32", *overrides))
     for t in exp.tasks:
         exp.tasks[t]._cache["val"] = Subset(exp.tasks[t].split("val"), range(60))
     g = torch.Generator().manual_seed(3)
@@ -36,15 +40,15 @@ def _by_hand(exp, weights, task):
 def test_each_task_is_evaluated_with_its_own_weights(make_cfg):
     exp, fts = _experiment(make_cfg)
     ts = emr_merging(exp.pretrained_state, fts)
-    got = exp.merged_accuracies(ts, "val")
+    got = merged_accuracies(exp, ts, "val")
     for i, t in enumerate(exp.tasks):
         assert got[t] == pytest.approx(_by_hand(exp, ts.task_weights(i), t), abs=1e-6)
-    assert got != exp.merged_accuracies(ts.task_weights(0), "val")  # not one model for all
+    assert got != merged_accuracies(exp, ts.task_weights(0), "val")  # not one model for all
 
 
 def test_tall_lambda_is_the_best_on_each_tasks_val(make_cfg):
     exp, fts = _experiment(make_cfg, "method=tall_masks")
-    chosen = exp.choose_tall_lambdas(fts)
+    chosen = choose_tall_lambdas(exp, Method(exp.cfg.method, exp.mode), fts)
     for i, t in enumerate(exp.tasks):
         curve = [_by_hand(exp, tall_masks(exp.pretrained_state, fts, lambdas=lam).task_weights(i), t)
                  for lam in tall_mask_lambda_grid]

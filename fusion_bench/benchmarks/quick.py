@@ -41,8 +41,8 @@ def finetune_speed(mode: str, steps: int = 40, skip: int = 10) -> float:
     """Seconds per fine-tuning step of tiny_clip on `digits` (steps after the first `skip`)."""
     from lightning.pytorch.callbacks import Callback
 
+    from fusion_bench.families import build_family
     from fusion_bench.finetune.train import finetune
-    from fusion_bench.pipeline import Experiment
 
     class Timer(Callback):
         t0 = None
@@ -55,9 +55,9 @@ def finetune_speed(mode: str, steps: int = 40, skip: int = 10) -> float:
             self.seconds = time.perf_counter() - self.t0
 
     with tempfile.TemporaryDirectory() as tmp:
-        exp = Experiment(_cfg(f"paths.root={tmp}", f"paths.data={ROOT / 'outputs' / 'data'}", f"finetune={mode}",
-                              "taskpool.tasks=[digits]", f"model.train.steps={steps}",
-                              f"model.train.checkpoint_every={steps}"))
+        exp = build_family(_cfg(f"paths.root={tmp}", f"paths.data={ROOT / 'outputs' / 'data'}", f"finetune={mode}",
+                                "taskpool.tasks=[digits]", f"model.train.steps={steps}",
+                                f"model.train.checkpoint_every={steps}"))
         module = exp.modes.build_mode_model(exp.mode_cfg, exp.encoder)
         timer = Timer()
         finetune(module, exp.head("digits"), exp.tasks["digits"], exp.cfg.model.train, exp.cfg.trainer, 0,
@@ -77,9 +77,9 @@ def _timed(cmd: list[str]) -> tuple[float, float]:
 
 
 def cached_rerun() -> dict:
-    from fusion_bench.pipeline import Experiment
+    from fusion_bench.families import build_family
 
-    exp = Experiment(_cfg())
+    exp = build_family(_cfg())
     made = None
     if not all(exp.checkpoint(t).is_file() for t in exp.cfg.taskpool.tasks):
         print("making the default fine-tunes first (untimed) ...", file=sys.stderr)
@@ -106,23 +106,27 @@ def search_cost() -> dict:
     import torch
 
     from fusion_bench.evaluation.search import GRID
-    from fusion_bench.pipeline import Experiment
+    from fusion_bench.families import build_family
+    from fusion_bench.stages.evaluate import grid_accuracies, merged_accuracies
+    from fusion_bench.stages.finetune import finetuned_state
+    from fusion_bench.stages.merge import Method
 
     torch.set_num_threads(2)
-    exp = Experiment(_cfg())
-    fts = [exp.finetuned_state(t) for t in exp.tasks]
+    cfg = _cfg()
+    exp, method = build_family(cfg), Method(cfg.method, "standard")
+    fts = [finetuned_state(exp, t) for t in exp.tasks]
     counter = [0]
     for task in exp.tasks.values():
         task._cache["val"] = _Counted(task.split("val"), counter)
     n_val = sum(len(task.split("val")) for task in exp.tasks.values())
     out = {"val_images": n_val, "grid": len(GRID)}
     t0 = time.perf_counter()
-    before = [exp.merged_accuracies(exp.merge(fts, c), "val") for c in GRID]
+    before = [merged_accuracies(exp, method(exp.pretrained_state, fts, c), "val") for c in GRID]
     out["before"] = {"wall_s": round(time.perf_counter() - t0, 2), "images_decoded": counter[0],
                      "encoder_passes": counter[0]}
     counter[0] = 0
     t0 = time.perf_counter()
-    after = exp.grid_accuracies(fts, GRID, "val")
+    after = grid_accuracies(exp, method, fts, GRID, "val")
     out["after"] = {"wall_s": round(time.perf_counter() - t0, 2), "images_decoded": counter[0],
                     "encoder_passes": counter[0] * len(GRID)}
     out["max_accuracy_difference"] = max(abs(a[t] - b[t]) for a, b in zip(after, before) for t in a)
@@ -143,11 +147,11 @@ def eval_speed() -> dict:
     import torch
 
     from fusion_bench.evaluation.accuracy import predictions
+    from fusion_bench.families import build_family
     from fusion_bench.models.clip import ImageClassifier
-    from fusion_bench.pipeline import Experiment
 
     torch.set_num_threads(2)
-    exp = Experiment(_cfg())
+    exp = build_family(_cfg())
     n, t0 = 0, time.perf_counter()
     for t, task in exp.tasks.items():
         data = task.split("test")

@@ -1,9 +1,6 @@
-"""The T5 / Flan-T5 on GLUE loop: finetune -> merge -> evaluate -> report, as fusion_bench.pipeline.run does for CLIP.
-
-fusion_bench.pipeline.run drives it with the CLIP stages (`stage=finetune|merge|evaluate|all`), store and report schema; only the model
-(a text-to-text T5 behind `T5Logits`), the tasks (fusion_bench.t5.glue) and the metric (generated text vs target:
-exact match, Spearman for STS-B) differ. `T5Experiment` subclasses the CLIP `Experiment` and inherits its store,
-merging method and merged evaluation; the fine-tuning modes (fusion_bench.t5.modes) act on T5Logits:
+"""T5 / Flan-T5 on GLUE as a model family: a text-to-text T5 behind `T5Logits`, the GLUE tasks
+(fusion_bench.t5.glue) and its metric (generated text vs target: exact match, Spearman for STS-B). The stages,
+store and report are the ones CLIP uses; the fine-tuning modes (fusion_bench.t5.modes) act on T5Logits:
 
 | finetune | trains (store keys)                                  | task vectors over                       |
 |----------|------------------------------------------------------|-----------------------------------------|
@@ -25,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fusion_bench.evaluation.accuracy import eval_device
-from fusion_bench.pipeline import Experiment, validate
+from fusion_bench.families.base import ModelFamily, validate_common
 from fusion_bench.t5 import glue
 from fusion_bench.t5 import modes as t5_modes
 from fusion_bench.t5.model import T5Logits, generate_texts, load_t5
@@ -34,31 +31,30 @@ from fusion_bench.t5.train import Seq2SeqCollator, finetune_t5
 
 log = logging.getLogger(__name__)
 
-T5_STAGES = ("finetune", "merge", "evaluate", "all", "analyze")
 
-
-def validate_t5(cfg: DictConfig) -> None:
-    if cfg.taskpool.get("source") != "glue":
-        raise ValueError(f"model={cfg.model.name} is a T5 model: use taskpool=glue (got taskpool={cfg.taskpool.name})")
-    if cfg.get("finetuned_from"):
-        raise ValueError("finetuned_from imports CLIP image encoders; for T5, fine-tune with stage=finetune")
-    if cfg.finetune.mode not in MODES:
-        raise ValueError(f"finetune={cfg.finetune.mode} is not available for T5; use one of {MODES}")
-    if eval_device(cfg.trainer)[1] is torch.float16:
-        raise ValueError(f"trainer.precision={cfg.trainer.precision}: T5's activations overflow float16 (inf/NaN "
-                         f"losses); use bf16-mixed or 32-true")
-    validate(cfg, stages=T5_STAGES, known=sorted(glue.TASKS))
-    if cfg.stage == "analyze" and cfg.analysis.kind not in ("cosine", "num_tasks"):
-        raise ValueError(f"analysis={cfg.analysis.kind} compares image-classifier predictions; for T5 use "
-                         f"analysis=cosine or analysis=num_tasks")
-
-
-class T5Experiment(Experiment):
-    """The CLIP Experiment over a T5: its own model, modes, tasks, metric and training; the rest is inherited."""
+class T5Family(ModelFamily):
+    """Its own model, modes, tasks, metric and training; generation-based evaluation in one process."""
 
     modes = t5_modes
     ddp = False  # generation-based evaluation runs in one process (trainer=ddp still fine-tunes on every rank)
     fast_search = False  # scores of generated text: the search merges and evaluates at each coefficient
+
+    @classmethod
+    def validate(cls, cfg: DictConfig) -> None:
+        if cfg.taskpool.get("source") != "glue":
+            raise ValueError(f"model={cfg.model.name} is a T5 model: use taskpool=glue "
+                             f"(got taskpool={cfg.taskpool.name})")
+        if cfg.get("finetuned_from"):
+            raise ValueError("finetuned_from imports CLIP image encoders; for T5, fine-tune with stage=finetune")
+        if cfg.finetune.mode not in MODES:
+            raise ValueError(f"finetune={cfg.finetune.mode} is not available for T5; use one of {MODES}")
+        if eval_device(cfg.trainer)[1] is torch.float16:
+            raise ValueError(f"trainer.precision={cfg.trainer.precision}: T5's activations overflow float16 (inf/NaN "
+                             f"losses); use bf16-mixed or 32-true")
+        validate_common(cfg, sorted(glue.TASKS))
+        if cfg.stage == "analyze" and cfg.analysis.kind not in ("cosine", "num_tasks"):
+            raise ValueError(f"analysis={cfg.analysis.kind} compares image-classifier predictions; for T5 use "
+                             f"analysis=cosine or analysis=num_tasks")
 
     def report_extras(self) -> dict:
         return {"metrics": {t: "spearman" if glue.TASKS[t].targets is None else "exact_match" for t in self.tasks}}
@@ -91,12 +87,6 @@ class T5Experiment(Experiment):
             ft["target_modules"] = str(self.cfg.model.lora_target)
         return OmegaConf.create(ft)
 
-    @cached_property
-    def eval_where(self) -> dict:
-        """Where generation runs and its autocast dtype (eval_precision: null and trainer=gpu: cuda in bf16)."""
-        device, autocast = eval_device(self.eval_trainer)
-        return {"device": device, "autocast": autocast}
-
     def key_extras(self, task: str) -> dict:
         return {"template": glue.TASKS[task].template}
 
@@ -113,9 +103,9 @@ class T5Experiment(Experiment):
         return Seq2SeqCollator(self.tokenizer, m.max_source_length, m.max_target_length,
                                c.decoder_start_token_id, c.pad_token_id)
 
-    def eval_key(self) -> str:
-        return super().eval_key(max_new_tokens=self.cfg.model.max_new_tokens)
+    def eval_key_extras(self) -> dict:
+        return {"max_new_tokens": self.cfg.model.max_new_tokens}
 
-    def _train(self, task: str, module: nn.Module, work_dir: Path) -> float:
+    def train(self, task: str, module: nn.Module, work_dir: Path) -> float:
         return finetune_t5(module, self.collator(), self.tasks[task].split("train"), self.cfg.model.train,
                            self.cfg.trainer, self.cfg.seed, work_dir)

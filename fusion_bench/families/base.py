@@ -1,0 +1,166 @@
+"""What every model family shares: the checkpoint store and its keys, the fine-tuning mode around the family's
+network, theta_0 in merge space, and where evaluation runs.
+
+A family (fusion_bench.families.clip, fusion_bench.t5.family) adds what only it knows: how to build its network
+and tasks, accuracy on a task, how to fine-tune, and the forward passes that statistics and coefficient learning
+differentiate. The stages (fusion_bench.stages) take a family and never look inside the model themselves.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from fusion_bench import keys
+from fusion_bench.evaluation.accuracy import eval_device
+from fusion_bench.models import modes as clip_modes
+from fusion_bench.store import CheckpointStore, read_metadata
+
+STAGES = ("finetune", "merge", "evaluate", "all", "analyze")
+
+
+def validate_common(cfg: DictConfig, known: list[str]) -> None:
+    """The config errors every family shares, caught before anything trains."""
+    if cfg.stage not in STAGES:
+        raise ValueError(f"stage={cfg.stage!r}: expected one of {STAGES}")
+    if cfg.stage == "analyze" and not cfg.get("analysis"):
+        raise ValueError("stage=analyze needs analysis=cosine|disentanglement|num_tasks")
+    tasks = list(cfg.taskpool.tasks)
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown} in taskpool.tasks; {cfg.taskpool.name} has {known}")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"taskpool.tasks has duplicates: {tasks}")
+    coef = cfg.method.get("scaling_coef")
+    if coef is not None and not isinstance(coef, (int, float)) and coef != "search" and len(coef) != len(tasks):
+        raise ValueError(f"method.scaling_coef has {len(coef)} values for {len(tasks)} tasks")
+    k = cfg.method.get("k")  # TIES's fraction (consensus_* count tasks with an integer k, checked by the method)
+    if isinstance(k, float) and not 0 < k <= 1:
+        raise ValueError(f"method.k={k} must be in (0, 1]")
+    eval_device(cfg.trainer)  # trainer=gpu on a machine without CUDA
+
+
+class ModelFamily:
+    """A model family over one resolved config. Everything is built lazily, once."""
+
+    modes: ClassVar[Any] = clip_modes  # build_mode_model / trainable_state / to_merge_space / eval_model
+    fast_search: ClassVar[bool] = True  # accuracy is an argmax over head logits: CoefficientGrid applies
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+
+    @classmethod
+    def validate(cls, cfg: DictConfig) -> None:
+        raise NotImplementedError
+
+    # ---- what a family must give ----------------------------------------------------------------------------
+    @property
+    def encoder(self) -> nn.Module:
+        """The pretrained network that fine-tuning modes wrap (never modified)."""
+        raise NotImplementedError
+
+    @property
+    def tasks(self) -> dict:
+        raise NotImplementedError
+
+    def acc(self, model: nn.Module, task: str, split: str) -> float:
+        raise NotImplementedError
+
+    def train(self, task: str, module: nn.Module, work_dir: Path) -> float:
+        """Fine-tune `module` in place on the task; returns seconds per step."""
+        raise NotImplementedError
+
+    # ---- what a family may change ---------------------------------------------------------------------------
+    def key_extras(self, task: str) -> dict:
+        """Family-specific fields of a fine-tune's store key."""
+        return {}
+
+    def imported(self, task: str) -> Path | None:
+        """A fine-tune given from outside the store (finetuned_from), if the family supports that."""
+        return None
+
+    def report_extras(self) -> dict:
+        return {}
+
+    def eval_key_extras(self) -> dict:
+        """Family-specific fields the cached reference accuracies depend on."""
+        return {}
+
+    def accuracies(self, runs: list[tuple[nn.Module, str, str]]) -> list[float]:
+        """Accuracy of each (model, task, split)."""
+        return [self.acc(*r) for r in runs]
+
+    # ---- shared ---------------------------------------------------------------------------------------------
+    @cached_property
+    def store(self) -> CheckpointStore:
+        return CheckpointStore(self.cfg.paths.store)
+
+    @property
+    def mode(self) -> str:
+        return str(self.cfg.finetune.mode)
+
+    @property
+    def mode_cfg(self) -> DictConfig:
+        return self.cfg.finetune
+
+    @cached_property
+    def base(self) -> nn.Module:
+        """The mode model at the pretrained weights (theta_0 of the trainable parameters)."""
+        return self.modes.build_mode_model(self.mode_cfg, self.encoder)
+
+    def trainable_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return self.modes.trainable_state(module)
+
+    @cached_property
+    def pretrained_state(self) -> dict[str, torch.Tensor]:
+        """theta_0 in the space task vectors live in."""
+        return self.modes.to_merge_space(self.mode_cfg, self.encoder, self.trainable_state(self.base))
+
+    def to_merge_space(self, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.modes.to_merge_space(self.mode_cfg, self.encoder, stored)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A hash of every pretrained weight a fine-tune starts from: the whole network and the mode's trainable
+        start (for LoRA modes the adapters' init, which does not depend on W0). Part of the store key, and stored
+        with each fine-tune to catch foreign task vectors."""
+        return keys.fingerprint(self.encoder.state_dict(), self.trainable_state(self.base))
+
+    def checkpoint(self, task: str) -> Path:
+        """Where the fine-tune of `task` lives in the store."""
+        src = self.imported(task)
+        if src is not None:  # a fine-tune researchers already have: keyed by where it came from and when
+            return self.store.path(self.cfg.model.name, "standard", task, self.cfg.seed,
+                                   keys.imported_fields(src, self.fingerprint))
+        trained = clip_modes.training_config(self.mode_cfg)  # the fields that decide the weights, any family
+        return self.store.path(self.cfg.model.name, trained["mode"], task, self.cfg.seed,
+                               keys.finetune_fields(self.cfg, trained, self.fingerprint, **self.key_extras(task)))
+
+    def checkpoint_meta(self, task: str) -> dict:
+        return json.loads(read_metadata(self.checkpoint(task)).get("fusion_bench", "{}"))
+
+    def model_with(self, merged: dict[str, torch.Tensor], linearized: bool = False) -> nn.Module:
+        """The network at the given merge-space weights (a fine-tune or a merge), ready to evaluate."""
+        return self.modes.eval_model(self.mode_cfg, self.encoder, merged, linearized)
+
+    @property
+    def ddp(self) -> bool:
+        return "ddp" in str(self.cfg.trainer.get("strategy", ""))
+
+    @cached_property
+    def eval_trainer(self) -> DictConfig:
+        """The trainer evaluation runs with: the fine-tuning trainer at `eval_precision` (fp32 by default)."""
+        precision = self.cfg.get("eval_precision") or self.cfg.trainer.get("precision", "32-true")
+        return OmegaConf.merge(self.cfg.trainer, {"precision": precision})
+
+    @cached_property
+    def eval_where(self) -> dict:
+        """Where single-process evaluation runs: the device and autocast dtype at eval_precision."""
+        device, autocast = eval_device(self.eval_trainer)
+        return {"device": device, "autocast": autocast}

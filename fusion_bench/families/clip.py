@@ -1,0 +1,115 @@
+"""CLIP image classifiers (open_clip): the image encoder, image task pools, zero-shot heads, top-1 accuracy."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+import open_clip
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from fusion_bench.data.tasks import Task, known_tasks, load_task
+from fusion_bench.evaluation.accuracy import accuracy
+from fusion_bench.evaluation.distributed import distributed_accuracies, distributed_grid_accuracies
+from fusion_bench.evaluation.search import CoefficientGrid, grid_correct
+from fusion_bench.families.base import ModelFamily, validate_common
+from fusion_bench.finetune.train import finetune
+from fusion_bench.models import modes as clip_modes
+from fusion_bench.models.clip import ImageClassifier, image_norm, load_clip, zero_shot_head
+from fusion_bench.models.imported import finetuned_source
+
+
+class CLIPFamily(ModelFamily):
+    """open_clip's image tower with one frozen zero-shot head per task."""
+
+    def __init__(self, cfg: DictConfig):
+        super().__init__(cfg)
+        self._heads: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def validate(cls, cfg: DictConfig) -> None:
+        validate_common(cfg, known_tasks(cfg.taskpool))
+        spec, tasks = cfg.get("finetuned_from"), list(cfg.taskpool.tasks)
+        if not spec:
+            return
+        if clip_modes.training_config(cfg.finetune)["mode"] != "standard":
+            raise ValueError(f"finetuned_from gives whole fine-tuned image encoders: use finetune=standard (or "
+                             f"finetune=linear finetune.posthoc=true), not finetune={cfg.finetune.mode}")
+        if isinstance(spec, str) and "{task}" not in spec and len(tasks) > 1:
+            raise ValueError(f"finetuned_from={spec!r} names one checkpoint for {len(tasks)} tasks: put {{task}} "
+                             f"where the task name goes, or give a task -> path mapping")
+        absent = [f"{t}: {p}" for t in tasks if (p := finetuned_source(spec, t)) is not None and not p.exists()]
+        if absent:
+            raise FileNotFoundError("finetuned_from: no such fine-tuned checkpoint(s):\n  " + "\n  ".join(absent))
+
+    @cached_property
+    def clip(self) -> nn.Module:
+        return load_clip(self.cfg.model)
+
+    @cached_property
+    def tokenizer(self):
+        return open_clip.get_tokenizer(self.cfg.model.arch)
+
+    @cached_property
+    def tasks(self) -> dict[str, Task]:
+        mean, std = image_norm(self.clip)
+        return {t: load_task(self.cfg.taskpool, t, mean, std, self.cfg.paths.data,
+                             image_size=self.clip.visual.image_size) for t in self.cfg.taskpool.tasks}
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.clip.visual
+
+    def head(self, task: str) -> torch.Tensor:
+        """The task's zero-shot classification head (class-name embeddings of the text tower), made once."""
+        if task not in self._heads:
+            t = self.tasks[task]
+            self._heads[task] = zero_shot_head(self.clip, self.tokenizer, t.classnames, t.templates)
+        return self._heads[task]
+
+    def imported(self, task: str) -> Path | None:
+        return finetuned_source(self.cfg.get("finetuned_from"), task)
+
+    @property
+    def num_workers(self) -> int:
+        """DataLoader worker processes (taskpool.num_workers: decoding and augmenting image files needs them)."""
+        return int(self.cfg.taskpool.get("num_workers", 0))
+
+    @cached_property
+    def eval_where(self) -> dict:
+        return {**super().eval_where, "num_workers": self.num_workers}
+
+    def classifier(self, encoder: nn.Module, task: str) -> ImageClassifier:
+        return ImageClassifier(encoder, self.head(task))
+
+    def acc(self, encoder: nn.Module, task: str, split: str) -> float:
+        if self.ddp:
+            return self.accuracies([(encoder, task, split)])[0]
+        t = self.tasks[task]
+        return accuracy(self.classifier(encoder, task), t.split(split), t.num_classes,
+                        self.cfg.model.eval_batch_size, **self.eval_where)
+
+    def accuracies(self, runs: list[tuple[nn.Module, str, str]]) -> list[float]:
+        """Under DDP all of them in one start of the ranks."""
+        if not self.ddp:
+            return [self.acc(*r) for r in runs]
+        return distributed_accuracies(
+            [self.classifier(enc, t) for enc, t, _ in runs], [self.tasks[t].split(s) for _, t, s in runs],
+            [self.tasks[t].num_classes for _, t, _ in runs], self.cfg.model.eval_batch_size, self.eval_trainer,
+            self.num_workers)
+
+    def grid_accuracies(self, line: CoefficientGrid, tasks: list[str], split: str) -> list[list[float]]:
+        """acc[i][j]: accuracy on tasks[i] of the merge at line.grid[j], each batch decoded once (search.py)."""
+        if self.ddp:
+            return distributed_grid_accuracies(line, [self.head(t) for t in tasks],
+                                               [self.tasks[t].split(split) for t in tasks],
+                                               [self.tasks[t].num_classes for t in tasks],
+                                               self.cfg.model.eval_batch_size, self.eval_trainer, self.num_workers)
+        return [grid_correct(line, self.head(t), self.tasks[t].split(split), self.cfg.model.eval_batch_size,
+                             **self.eval_where) for t in tasks]
+
+    def train(self, task: str, module: nn.Module, work_dir: Path) -> float:
+        return finetune(module, self.head(task), self.tasks[task], self.cfg.model.train, self.cfg.trainer,
+                        self.cfg.seed, work_dir, num_workers=self.num_workers)

@@ -1,0 +1,80 @@
+"""The finetune stage: one fine-tune per task in the checkpoint store, made once and reused by every later run."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+from fusion_bench.families.base import ModelFamily
+from fusion_bench.finetune.train import cleanup
+from fusion_bench.models.imported import import_encoder
+from fusion_bench.store import CheckpointError
+
+log = logging.getLogger(__name__)
+
+
+class MissingFinetuneError(FileNotFoundError):
+    pass
+
+
+def ensure_finetuned(fam: ModelFamily, task: str) -> Path:
+    """The stored fine-tune of `task`, made first if absent. Jobs that want the same one at once (parallel
+    sweeps, SLURM arrays on a shared file system) take turns on a lock: one trains, the others reuse it."""
+    path = fam.checkpoint(task)
+    if path.is_file():
+        log.info("reusing fine-tune %s", path)
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.with_suffix(".lock"))):
+        if path.is_file():
+            log.info("reusing fine-tune %s (made by a concurrent job)", path)
+            return path
+        return _make(fam, task, path)
+
+
+def _make(fam: ModelFamily, task: str, path: Path) -> Path:
+    cfg = fam.cfg
+    src = fam.imported(task)
+    if src is not None:
+        state = import_encoder(src, fam.trainable_state(fam.base))
+        fam.store.save(path, state, {"task": task, "mode": "standard", "model": cfg.model.name,
+                                     "imported_from": str(src.resolve())})
+        log.info("imported fine-tune of %s from %s -> %s", task, src, path)
+        return path
+    module = fam.modes.build_mode_model(fam.mode_cfg, fam.encoder)
+    work_dir = path.with_suffix(".partial")
+    sec = fam.train(task, module, work_dir)
+    meta = {"task": task, "mode": fam.mode, "model": cfg.model.name, "pretrained": fam.fingerprint,
+            "seed": cfg.seed, "seconds_per_step": round(sec, 4),
+            "trainer": {k: str(cfg.trainer.get(k)) for k in ("accelerator", "devices", "precision")}}
+    fam.store.save(path, fam.trainable_state(module.cpu()), meta)
+    cleanup(work_dir)
+    log.info("fine-tuned %s in %.3f s/step -> %s", task, sec, path)
+    return path
+
+
+def finetuned_state(fam: ModelFamily, task: str) -> dict[str, torch.Tensor]:
+    """The fine-tune of `task` in merge space, checked against this run's pretrained model."""
+    path = fam.checkpoint(task)
+    if not path.is_file() and fam.imported(task) is not None:
+        ensure_finetuned(fam, task)  # an import is read, not trained: any stage does it
+    if not path.is_file():
+        cfg = fam.cfg
+        raise MissingFinetuneError(
+            f"missing fine-tune for task {task!r} (mode {fam.mode}, seed {cfg.seed}): {path}\n"
+            f"make it with: python run.py stage=finetune model={cfg.model.name} taskpool={cfg.taskpool.name} "
+            f"taskpool.tasks=[{task}] finetune={fam.mode} seed={cfg.seed}")
+    stored = fam.store.load(path, expected=fam.trainable_state(fam.base))
+    origin = fam.checkpoint_meta(task).get("pretrained")
+    if origin is not None and origin != fam.fingerprint:
+        raise CheckpointError(f"checkpoint {path} was fine-tuned from another pretrained model (fingerprint "
+                              f"{origin}, this run's is {fam.fingerprint}): its task vector would be meaningless")
+    return fam.to_merge_space(stored)
+
+
+def seconds_per_step(fam: ModelFamily, task: str) -> float | None:
+    """Fine-tuning time per step, as recorded in the stored checkpoint."""
+    return fam.checkpoint_meta(task).get("seconds_per_step")
