@@ -7,6 +7,9 @@ buffers are copied from ``pretrained``.  Every method except :func:`weight_avera
 :func:`model_stock`, :func:`tall_masks` and :func:`emr_merging` takes ``scaling_coef``.
 Task-specific methods (:func:`tall_masks`, :func:`emr_merging`) return a :class:`TaskSpecificMerge`
 (shared vector + per-task masks and rescalers) that gives each task's weights.
+Statistics-based methods (:func:`regmean`, :func:`fisher_merging`) also take one statistic per task
+(Gram matrices, diagonal Fishers: fusion_bench.statistics) and no ``scaling_coef``. Coefficient learning
+(fusion_bench.merging.adamerging, fusion_bench.merging.lorahub) learns the coefficients of a weighted merge.
 """
 
 from .awd import AWDResult, awd_disentangle, awd_reference, awd_ta, awd_ties
@@ -14,10 +17,12 @@ from .breadcrumbs import breadcrumbs
 from .consensus import consensus_merging, tall_mask_lambda_grid, tall_masks
 from .dare import dare, dare_mask
 from .emr import emr_merging
+from .fisher_merging import fisher_merging
 from .iso import iso_c, iso_cts
 from .lazy import LazyStateDict
 from .magmax import magmax
 from .model_stock import model_stock
+from .regmean import regmean
 from .task_arithmetic import task_arithmetic
 from .task_specific import TaskSpecificMerge
 from .task_vectors import derived_seed, kth_largest
@@ -40,11 +45,13 @@ __all__ = [
     "dare_mask",
     "derived_seed",
     "emr_merging",
+    "fisher_merging",
     "iso_c",
     "iso_cts",
     "kth_largest",
     "magmax",
     "model_stock",
+    "regmean",
     "tall_mask_lambda_grid",
     "tall_masks",
     "task_arithmetic",

@@ -1,0 +1,277 @@
+"""AdaMerging (Yang et al., ICLR 2024): merging coefficients learnt by entropy minimisation.
+
+``theta(lambda) = theta_0 + sum_t lambda_t tau_t`` (task-wise, ``coefs`` of shape ``[T]``) or
+``theta_0 + sum_t lambda_{t,k} tau_t[k]`` per tensor ``k`` (layer-wise, ``[T, K]``).  Each step minimises
+``sum_t mean_b H(softmax(logits_t(theta(lambda), x_{t,b})))`` (SUM over tasks of each task's batch-mean
+Shannon entropy, as the reference ``EnnengYang/AdaMerging`` does) with Adam (betas (0.9, 0.999), no weight
+decay), start 0.3, lr 1e-3, 500 steps.  As in the reference, layer-wise coefficients cover every floating
+tensor (every parameter of the encoder) and theta_0's own coefficient is fixed to 1.
+
+Clamping.  The reference clamps in the forward (``lambda = clamp(lambda_raw, 0, 1)``): a raw coefficient
+that leaves the box gets zero gradient and Adam's momentum carries it further out, so it is frozen there for
+good.  Here ``clamp_in_forward=False`` (default) projects the parameter back into the box after each Adam
+step instead, so a coefficient on the boundary still sees its gradient and can come back.  Both give the
+same iterates until a coefficient first leaves the box; ``clamp_in_forward=True`` reproduces the reference.
+
+Batches: the reference loop adds the mean entropy of TWO batches of 16 per task per step (it breaks after
+``i = 1``), FusionBench's of one; ``batches`` gives one input per task and step (32 inputs reproduce the
+reference up to a factor 2 in the loss, which Adam ignores up to its eps).
+
+AdaMerging++ runs the same learner over :func:`ties_task_vectors` (the reference's per-task
+``selected_entries`` of ``ties_merging_split``, merge_func "dis-sum").
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from rich.progress import track
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .task_vectors import StateDict, Workspace, prepare, shrink_lambda, stream_blocks
+from .ties import check_k, global_thresholds
+
+log = logging.getLogger(__name__)
+
+LogitsFn = Callable[[dict[str, Tensor], int, Any], Tensor]
+
+
+class _Combine(torch.autograd.Function):
+    """``base + sum_t c[t] * taus[t]`` in (at least) fp32; saves references to ``taus``, never copies."""
+
+    @staticmethod
+    def forward(ctx, c: Tensor, base: Tensor, *taus: Tensor) -> Tensor:  # type: ignore[override]
+        dtype = torch.promote_types(torch.promote_types(base.dtype, torch.float32), c.dtype)
+        out = base.to(dtype, copy=True)
+        cc = c.detach().to(device=out.device, dtype=dtype)
+        for t, tau in enumerate(taus):
+            out.addcmul_(tau, cc[t])  # upcasts tau exactly, no temporary of tau's size
+        ctx.save_for_backward(*taus)
+        ctx.c_dtype, ctx.c_device = c.dtype, c.device
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        g = g.reshape(-1)
+        grads = [torch.dot(g, tau.reshape(-1).to(g.dtype)) for tau in ctx.saved_tensors]
+        gc = torch.stack(grads).to(device=ctx.c_device, dtype=ctx.c_dtype)
+        return (gc, None, *([None] * len(grads)))
+
+
+def _check(
+    pretrained: StateDict, task_vectors: Sequence[StateDict], coefs: Tensor, keys: Sequence[str]
+) -> None:
+    n, k = len(task_vectors), len(keys)
+    if n == 0:
+        raise ValueError("adamerging: no task vectors given; pass one state dict of tau_t per task")
+    if tuple(coefs.shape) not in ((n,), (n, k)):
+        raise ValueError(
+            f"adamerging: coefs has shape {tuple(coefs.shape)}; expected ({n},) (task-wise) or "
+            f"({n}, {k}) (layer-wise: {n} task vectors x {k} keys)"
+        )
+    for key in keys:
+        if key not in pretrained:
+            raise ValueError(f"adamerging: key {key!r} is not in the pretrained state dict")
+        shape = pretrained[key].shape
+        for t, tv in enumerate(task_vectors):
+            if key not in tv:
+                raise ValueError(f"adamerging: key {key!r} is missing from task_vectors[{t}]")
+            if tv[key].shape != shape:
+                raise ValueError(
+                    f"adamerging: key {key!r} has shape {tuple(tv[key].shape)} in task_vectors[{t}] "
+                    f"but {tuple(shape)} in the pretrained state dict"
+                )
+
+
+def merged_weights(
+    pretrained: Mapping[str, Tensor],
+    task_vectors: Sequence[Mapping[str, Tensor]],
+    coefs: Tensor,
+    keys: Sequence[str],
+) -> dict[str, Tensor]:
+    """``theta_0 + sum_t lambda_t tau_t`` for ``keys`` (fp32; fp64 for fp64 inputs), differentiable in coefs.
+
+    ``coefs``: ``[T]`` (task-wise) or ``[T, len(keys)]`` (layer-wise).  Keys of ``pretrained`` not in ``keys``
+    are returned as the pretrained tensors themselves.  The task vectors are referenced, never copied: the
+    extra memory is the merged weights (in backward, one key's upcast tau at a time for low-precision taus).
+    """
+    _check(pretrained, task_vectors, coefs, keys)
+    col = {key: i for i, key in enumerate(keys)}
+    out: dict[str, Tensor] = {}
+    for key in pretrained:
+        if key not in col:
+            out[key] = pretrained[key]
+            continue
+        c = coefs if coefs.dim() == 1 else coefs[:, col[key]]
+        out[key] = _Combine.apply(c, pretrained[key], *[tv[key] for tv in task_vectors])
+    return out
+
+
+def mean_entropy(logits: Tensor) -> Tensor:
+    """Mean over the batch of the Shannon entropy (nats) of ``softmax(logits)``; logits ``[B, C]``."""
+    if logits.dim() != 2:
+        raise ValueError(
+            f"adamerging: logits_fn must return [batch, classes] logits, got {tuple(logits.shape)}"
+        )
+    lp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    return -(lp.exp() * lp).sum(-1).mean()
+
+
+def entropy_loss_and_grad(
+    pretrained: Mapping[str, Tensor],
+    task_vectors: Sequence[Mapping[str, Tensor]],
+    coefs: Tensor,
+    keys: Sequence[str],
+    logits_fn: LogitsFn,
+    inputs: Sequence[Any],
+) -> tuple[float, Tensor]:
+    """Loss ``sum_t mean_entropy(logits_fn(theta(coefs), t, inputs[t]))`` and its gradient w.r.t. ``coefs``.
+
+    Tasks are back-propagated one at a time into the merged weights (only one task's activations are alive),
+    then once through the merge: the task vectors are read once per step, not once per task.
+    """
+    c = coefs.detach().requires_grad_(True)
+    with torch.enable_grad():
+        w = merged_weights(pretrained, task_vectors, c, keys)
+        leaves = {k: w[k].detach().requires_grad_(True) for k in keys}
+        weights = {**w, **leaves}
+        total = 0.0
+        for t, x in enumerate(inputs):
+            ent = mean_entropy(logits_fn(weights, t, x))
+            if ent.requires_grad:
+                ent.backward(inputs=list(leaves.values()))
+            total += float(ent.detach())
+        used = [k for k in keys if leaves[k].grad is not None]
+        if not used:
+            return total, torch.zeros_like(c)
+        (g,) = torch.autograd.grad([w[k] for k in used], [c], [leaves[k].grad for k in used])
+    return total, g
+
+
+@dataclass
+class AdaMergingResult:
+    """Learnt coefficients (``[T]`` task-wise, ``[T, K]`` layer-wise over ``keys``) and the loss per step."""
+
+    coefs: Tensor
+    keys: list[str]
+    entropy: list[float] = field(default_factory=list)  # sum over tasks of mean entropy, before each step
+
+    @property
+    def layer_wise(self) -> bool:
+        return self.coefs.dim() == 2
+
+    def weights(
+        self, pretrained: Mapping[str, Tensor], task_vectors: Sequence[Mapping[str, Tensor]]
+    ) -> dict[str, Tensor]:
+        """The merged state dict at the learnt coefficients, in the pretrained dtypes and key order."""
+        with torch.no_grad():
+            dev = pretrained[self.keys[0]].device if self.keys else self.coefs.device
+            w = merged_weights(pretrained, task_vectors, self.coefs.to(dev), self.keys)
+        merged = set(self.keys)
+        return {k: w[k].to(pretrained[k].dtype) if k in merged else pretrained[k].clone() for k in pretrained}
+
+
+def adamerging(
+    pretrained: Mapping[str, Tensor],
+    task_vectors: Sequence[Mapping[str, Tensor]],
+    logits_fn: LogitsFn,
+    batches: Callable[[int, int], Any],
+    *,
+    layer_wise: bool = True,
+    steps: int = 500,
+    lr: float = 1e-3,
+    init: float = 0.3,
+    clamp: tuple[float, float] = (0.0, 1.0),
+    progress: bool = False,
+    on_step: Callable[[int, float, Tensor], None] | None = None,
+    keys: Sequence[str] | None = None,
+    clamp_in_forward: bool = False,
+) -> AdaMergingResult:
+    """Learn AdaMerging coefficients (see the module doc for the loss, the optimiser and clamping).
+
+    ``logits_fn(weights, t, inputs)`` returns task ``t``'s logits ``[B, C]`` at ``weights``;
+    ``batches(step, t)`` gives that step's unlabelled inputs of task ``t``.  ``keys`` defaults to every
+    floating key of ``pretrained``.  ``on_step(step, loss, coefs)`` is called after each update.
+    All tensors (pretrained, task vectors, what ``logits_fn`` needs) on one device; coefficients are fp32.
+    """
+    keys = [k for k in pretrained if pretrained[k].is_floating_point()] if keys is None else list(keys)
+    if not keys:
+        raise ValueError(
+            "adamerging: no floating keys to merge; pass `keys` or a pretrained state dict with floats"
+        )
+    lo, hi = float(clamp[0]), float(clamp[1])
+    if not lo <= float(init) <= hi:
+        raise ValueError(f"adamerging: init={init} lies outside clamp={clamp}; start inside the box")
+    if int(steps) < 0 or lr <= 0:
+        raise ValueError(f"adamerging: steps={steps} must be >= 0 and lr={lr} > 0")
+    n = len(task_vectors)
+    shape = (n, len(keys)) if layer_wise else (n,)
+    raw = torch.full(shape, float(init), dtype=torch.float32, device=pretrained[keys[0]].device)
+    _check(pretrained, task_vectors, raw, keys)
+    raw.requires_grad_(True)
+    opt = torch.optim.Adam([raw], lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+    history: list[float] = []
+    for step in track(range(int(steps)), description="AdaMerging", transient=True, disable=not progress):
+        eff = raw.detach().clamp(lo, hi)
+        inputs = [batches(step, t) for t in range(n)]
+        loss, g = entropy_loss_and_grad(pretrained, task_vectors, eff, keys, logits_fn, inputs)
+        if clamp_in_forward:  # d clamp / d raw = 1 inside the box (bounds included), 0 outside
+            g = g * ((raw.detach() >= lo) & (raw.detach() <= hi))
+        raw.grad = g.to(raw.dtype)
+        opt.step()
+        if not clamp_in_forward:
+            with torch.no_grad():
+                raw.clamp_(lo, hi)
+        history.append(loss)
+        log.debug("AdaMerging step %d: entropy %.6f", step, loss)
+        if on_step is not None:
+            on_step(step, loss, raw.detach().clamp(lo, hi))
+    if history:
+        log.info("AdaMerging: entropy %.4f -> %.4f over %d steps", history[0], history[-1], len(history))
+    return AdaMergingResult(raw.detach().clamp(lo, hi).cpu(), keys, history)
+
+
+def ties_task_vectors(
+    pretrained: StateDict, finetuned: Sequence[StateDict], k: float = 0.2
+) -> list[dict[str, Tensor]]:
+    """AdaMerging++ inputs: each TIES-trimmed task vector, zeroed where it disagrees with the elected sign.
+
+    Trim as :func:`~fusion_bench.merging.ties.ties_merging` (exact top-``k`` |tau_t| over the whole
+    flattened vector; ``k = 0.2`` is the reference's K=20), elect ``sign(sum_t trimmed_t)`` (zero sum: ``+``),
+    keep the agreeing entries, and do NOT divide by the number of agreeing tasks: this is what the
+    reference (``ties_merging_split``, merge_func "dis-sum") feeds to the learner (``selected_entries``).
+    Hence coefficients all ``lambda`` give ``theta_0 + lambda * sum_t selected_t`` (TIES with disjoint SUM);
+    house TIES (disjoint mean) is ``theta_0 + sum_t selected_t / #agreeing``.  Differences from the
+    reference, only at exact ties: it keeps ``|tau| >=`` the (m+1)-th largest (kthvalue), here the m-th
+    (as ties.py); its zero-sum sign is the majority of all elected signs.  Returns fp32 tensors of the
+    floating keys only.
+    """
+    inp = prepare(pretrained, finetuned, "ties_task_vectors")
+    check_k(k, "ties_task_vectors")
+    k = float(k)
+    shrinks = [0.0] * inp.n if k >= 1.0 else [shrink_lambda(v) for v in global_thresholds(inp, k)]
+    outs = [
+        {key: torch.empty(inp.shapes[key], dtype=torch.float32) for key in inp.float_keys} for _ in shrinks
+    ]
+    ws = Workspace()
+
+    def visit(X: Tensor, key: str, s: int, e: int, p32: Tensor) -> None:
+        for t, lmb in enumerate(shrinks):
+            if lmb == float("inf"):
+                X[t].zero_()
+            elif lmb > 0.0:
+                torch.ops.aten.hardshrink.out(X[t], lmb, out=X[t])
+        S = torch.sum(X, 0, out=ws.get("S", e - s))
+        el = torch.sign(S, out=ws.get("e", e - s)).add_(0.5).sign_()  # +1 where S >= 0
+        X.mul_(el).clamp_(min=0.0).mul_(el)
+        for t in range(inp.n):
+            outs[t][key].view(-1)[s:e].copy_(X[t])
+
+    stream_blocks(inp, visit)
+    return outs

@@ -1,0 +1,160 @@
+"""Diagonal Fisher information of a model's parameters (the statistic Fisher merging needs).
+
+``F[key] = (1/N) sum_i (d/d theta log p(y_i | x_i; theta))^2`` entry by entry: per-sample gradients,
+squared, then averaged (not the square of a batch gradient).  ``y_i`` is drawn from the model's predictive
+distribution (``target="sample"``, the Fisher of Matena and Raffel, 2022) or is the label of the batch
+(``target="label"``, the "empirical" Fisher).
+
+Per-sample gradients come from ``torch.func`` (``functional_call`` + ``vmap(grad)``) over chunks of
+``chunk`` samples; this works through ``nn.MultiheadAttention`` (open_clip).  Should ``vmap`` fail for a
+model, the remaining samples fall back to a plain per-sample loop of ``torch.autograd.grad`` (logged once).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.progress import track
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_flatten, tree_map
+
+from fusion_bench.evaluation.accuracy import eval_mode
+
+log = logging.getLogger(__name__)
+
+LogLikelihood = Callable[[nn.Module, Any, Tensor], Tensor]
+Sampler = Callable[[nn.Module, Any, torch.Generator], Tensor]
+
+
+def classifier_log_likelihood(model: nn.Module, x: Any, y: Tensor) -> Tensor:
+    """``log softmax(model(x))[i, y_i]`` per sample, fp32 (``model(x)``: logits ``[B, C]``)."""
+    logits = model(x).float()
+    return F.log_softmax(logits, dim=-1).gather(-1, y.reshape(-1, 1).long()).squeeze(-1)
+
+
+def classifier_sample(model: nn.Module, x: Any, generator: torch.Generator) -> Tensor:
+    """``y_i ~ softmax(model(x)_i)``, drawn on the CPU with ``generator`` (same draws on any device)."""
+    logits = model(x)
+    probs = torch.softmax(logits.detach().float(), dim=-1).cpu()
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+class _Call(nn.Module):
+    """``log_likelihood(model, x, y)`` as a module, so that ``functional_call`` can swap the weights."""
+
+    def __init__(self, model: nn.Module, fn: LogLikelihood) -> None:
+        super().__init__()
+        self.model, self.fn = model, fn
+
+    def forward(self, x: Any, y: Tensor) -> Tensor:
+        return self.fn(self.model, x, y)
+
+
+def _batch_len(x: Any) -> int:
+    leaves = [t for t in tree_flatten(x)[0] if isinstance(t, Tensor)]
+    if not leaves:
+        raise TypeError("diagonal_fisher: the inputs of a batch hold no tensor (need a batch dimension 0)")
+    return leaves[0].shape[0]
+
+
+def diagonal_fisher(
+    model: nn.Module,
+    batches: Iterable[tuple[Any, Tensor]],
+    log_likelihood: LogLikelihood | None = None,
+    keys: Collection[str] | None = None,
+    target: str = "sample",
+    seed: int = 0,
+    epsilon: float = 0.0,
+    chunk: int = 8,
+    progress: bool = False,
+    sample: Sampler | None = None,
+) -> tuple[dict[str, Tensor], int]:
+    """``({key: mean_i g_i^2}, N)``: the diagonal Fisher of the parameters ``keys``, fp32, and ``N``.
+
+    ``batches`` yields ``(x, y)``: ``x`` a tensor or a pytree (dict, tuple) of tensors with the sample
+    dimension first, ``y`` the labels (any value, e.g. ``None``, for ``target="sample"``).
+    ``log_likelihood(model, x, y) -> [B]`` is ``log p(y_i | x_i)`` per sample; ``None`` means a classifier
+    (``model(x)`` gives logits ``[B, C]``).  For a sequence model pass e.g. the per-sample sum of the
+    target tokens' log-probabilities.  ``target="sample"`` draws ``y = sample(model, x, generator)``
+    (default: from the classifier's softmax) with one CPU ``torch.Generator`` seeded by ``seed``; a custom
+    ``log_likelihood`` with ``target="sample"`` needs its own ``sample``.  ``keys``: default every floating
+    parameter; gradients are taken w.r.t. those only.  ``epsilon`` floors the result.  The model runs in
+    eval mode (training flags restored afterwards); its parameters are not modified.
+    """
+    if target not in ("sample", "label"):
+        raise ValueError(f"diagonal_fisher: target must be 'sample' or 'label', got {target!r}")
+    if target == "sample" and sample is None:
+        if log_likelihood is not None:
+            raise ValueError(
+                "diagonal_fisher: target='sample' with a custom log_likelihood needs `sample` "
+                "(model, x, generator) -> y drawn from the model; or use target='label'"
+            )
+        sample = classifier_sample
+    fn = log_likelihood or classifier_log_likelihood
+    named = dict(model.named_parameters())
+    if keys is None:
+        keys = [k for k, p in named.items() if p.is_floating_point()]
+    unknown = [k for k in keys if k not in named or not named[k].is_floating_point()]
+    if unknown:
+        raise ValueError(f"diagonal_fisher: key {unknown[0]!r} is not a floating parameter of the model")
+    keys = list(dict.fromkeys(keys))
+    if chunk < 1:
+        raise ValueError(f"diagonal_fisher: chunk must be >= 1, got {chunk}")
+    call = _Call(model, fn)
+    wrt = {k: named[k].detach() for k in keys}
+    wrt_ids = {id(named[k]) for k in keys}  # tied aliases of a key stay tied (functional_call ties them)
+    frozen = {
+        f"model.{k}": t.detach() for k, t in model.state_dict(keep_vars=True).items() if id(t) not in wrt_ids
+    }
+
+    def ll_one(params: dict[str, Tensor], x: Any, y: Tensor) -> Tensor:
+        x, y = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, (x, y))
+        full = {**frozen, **{f"model.{k}": v for k, v in params.items()}}
+        return functional_call(call, full, (x, y)).sum()
+
+    per_sample = vmap(grad(ll_one), in_dims=(None, 0, 0))
+    use_vmap = True
+    leaves = {k: v.detach().requires_grad_(True) for k, v in wrt.items()}  # for the fallback loop
+    sums = {k: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for k, p in wrt.items()}
+    gen = torch.Generator().manual_seed(int(seed))
+    n = 0
+    with eval_mode(model):
+        for x, y in track(batches, description="Fisher", transient=True, disable=not progress):
+            b = _batch_len(x)
+            if target == "sample":
+                with torch.no_grad():
+                    y = sample(model, x, gen)
+            elif not isinstance(y, Tensor):
+                raise TypeError(
+                    f"diagonal_fisher: target='label' needs a label tensor per batch, got {type(y)}"
+                )
+            for s in range(0, b, chunk):
+                xs, ys = tree_map(lambda t, s=s: t[s : s + chunk] if isinstance(t, Tensor) else t, (x, y))
+                if use_vmap:
+                    try:
+                        g = per_sample(wrt, xs, ys)
+                    except Exception as err:  # noqa: BLE001 - a real error is raised again by the loop
+                        log.warning(
+                            "diagonal_fisher: vmap failed (%s); per-sample autograd loop instead", err
+                        )
+                        use_vmap = False
+                    else:
+                        for k, gk in g.items():
+                            sums[k].add_(gk.float().square().sum(0))
+                        continue
+                for i in range(_batch_len(xs)):
+                    xi, yi = tree_map(lambda t, i=i: t[i] if isinstance(t, Tensor) else t, (xs, ys))
+                    ll = ll_one(leaves, xi, yi)
+                    grads = torch.autograd.grad(ll, list(leaves.values()), allow_unused=True)
+                    for k, gk in zip(leaves, grads):
+                        if gk is not None:
+                            sums[k].add_(gk.float().square())
+            n += b
+    if n <= 0:
+        raise ValueError("diagonal_fisher: `batches` held no samples (N = 0)")
+    return {k: v.div_(n).clamp_min_(epsilon) if epsilon > 0 else v.div_(n) for k, v in sums.items()}, n

@@ -1,0 +1,186 @@
+"""Input Gram matrices of every linear map of a model (the statistics RegMean needs).
+
+For a linear map ``y = W x`` (``W``: ``[out, in]``) the Gram is ``G = (1/N) sum x x^T`` over every
+token / position of every one of the ``N`` samples, fp32, ``[in, in]``, keyed by the weight's name in
+``model.named_parameters()``.  Linear maps found:
+
+- every ``nn.Linear`` (its input, flattened to ``[-1, in]``), except the ``out_proj`` of an
+  ``nn.MultiheadAttention``: MHA applies it through its weight inside ``F.multi_head_attention_forward``,
+  so a hook on it never fires; its input is recomputed from the MHA's inputs (:func:`mha_out_proj_input`);
+- ``nn.MultiheadAttention.in_proj_weight`` (self-attention only: its input is the query) or, with separate
+  projections, ``q_proj_weight`` / ``k_proj_weight`` / ``v_proj_weight`` (query / key / value);
+- a module's bare 2-D ``in_proj_weight`` applied as ``F.linear(x, self.in_proj_weight, ...)`` to its first
+  argument (open_clip's ``Attention``);
+- a bare 2-D ``proj`` used as ``pooled @ self.proj`` (open_clip's ``VisionTransformer``): ``W = proj^T`` and
+  the Gram (key ``...proj``) is that of ``pooled``, ``[proj.shape[0]]^2``.  ``pooled`` is obtained exactly by
+  running the module with ``proj`` set to ``None`` (its forward skips the product) and applying it in a hook.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+from collections.abc import Callable, Collection, Iterable
+from typing import Any
+
+import torch
+from rich.progress import track
+from torch import Tensor, nn
+
+from fusion_bench.evaluation.accuracy import eval_mode
+
+from .attention import MHA_SIGNATURE, mha_out_proj_input
+
+log = logging.getLogger(__name__)
+
+
+def _forward_source(module: nn.Module) -> str:
+    try:
+        return inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return ""
+
+
+def _linear_maps(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """``{weight key: (module, role)}`` for every linear map (see the module docstring), parameter order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    found: dict[str, tuple[nn.Module, str]] = {}
+    mha_out = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    for where, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            roles = ["in_proj_weight"] if m._qkv_same_embed_dim else [f"{c}_proj_weight" for c in "qkv"]
+            for role in roles:
+                found[names[id(getattr(m, role))]] = (m, role)
+            found[names[id(m.out_proj.weight)]] = (m, "out_proj")
+        elif isinstance(m, nn.Linear):
+            if id(m) not in mha_out:  # an MHA's out_proj is handled by its MHA: a hook on it never fires
+                found[names[id(m.weight)]] = (m, "linear")
+        else:
+            for attr, pattern in _BARE:
+                p = m._parameters.get(attr)
+                if p is None or p.dim() != 2:
+                    continue
+                if not re.search(pattern, _forward_source(m)):
+                    log.warning(
+                        "input_grams: module %r (%s) has a 2-D parameter %r used in a way input_grams does "
+                        "not know: no Gram for %r",
+                        where, type(m).__name__, attr, names[id(p)],
+                    )  # fmt: skip
+                    continue
+                found[names[id(p)]] = (m, attr)
+    order = {n: i for i, n in enumerate(names.values())}
+    return dict(sorted(found.items(), key=lambda kv: order[kv[0]]))
+
+
+#: bare 2-D parameters applied to a module's input: (attribute, pattern its forward source must match)
+_BARE = (
+    ("in_proj_weight", r"F\.linear\(\s*x\s*,\s*self\.in_proj_weight"),  # open_clip Attention(x)
+    ("proj", r"if self\.proj is not None:\s*\n\s*(\w+) = \1 @ self\.proj\b"),  # VisionTransformer
+)
+
+
+def input_grams(
+    model: nn.Module,
+    batches: Iterable,
+    forward: Callable[[nn.Module, Any], Any] = lambda m, b: m(b),
+    size: Callable[[Any], int] = lambda b: b.shape[0],
+    keys: Collection[str] | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, Tensor], int]:
+    """``({weight key: (1/N) sum x x^T}, N)`` over ``forward(model, batch)`` for every batch.
+
+    ``size(batch)`` is the number of samples in a batch (``N`` is their sum); for ``(images, labels)``
+    batches pass ``forward=lambda m, b: m(b[0])`` and ``size=lambda b: len(b[0])``.  ``keys`` restricts the
+    weights (default: every linear map found, see the module docstring); a linear map the forward never
+    reaches gets no Gram (an error when ``keys`` asked for it).  The model runs under ``torch.no_grad`` in
+    eval mode; hooks are removed and training flags restored afterwards, also on error.
+    """
+    targets = _linear_maps(model)
+    if keys is not None:
+        unknown = [k for k in keys if k not in targets]
+        if unknown:
+            raise ValueError(
+                f"input_grams: key {unknown[0]!r} is not the weight of a linear map of the model "
+                f"(e.g. {list(targets)[:3]}); check the names in `keys`"
+            )
+        targets = {k: targets[k] for k in targets if k in set(keys)}
+    key_of = {(id(m), role): k for k, (m, role) in targets.items()}
+    grams: dict[str, Tensor] = {}
+
+    def add(key: str | None, x: Tensor) -> None:
+        if key is None:
+            return
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if key in grams:
+            grams[key].addmm_(x.T, x)
+        else:
+            grams[key] = x.T @ x
+
+    def linear_hook(m: nn.Module, args: tuple, kwargs: dict) -> None:
+        add(key_of[(id(m), "linear")], args[0] if args else kwargs["input"])
+
+    def in_proj_hook(m: nn.Module, args: tuple, kwargs: dict) -> None:
+        add(key_of[(id(m), "in_proj_weight")], args[0] if args else kwargs["x"])
+
+    def mha_hook(m: nn.MultiheadAttention, args: tuple, kwargs: dict, output: Any) -> None:
+        a = MHA_SIGNATURE.bind(m, *args, **kwargs).arguments
+        q, k, v = a["query"], a["key"], a["value"]
+        if (key := key_of.get((id(m), "in_proj_weight"))) is not None:
+            if not (q is k is v or (torch.equal(q, k) and torch.equal(q, v))):
+                raise NotImplementedError(
+                    f"input_grams: {key!r}: key/value differ from the query (cross-attention); one Gram "
+                    "cannot describe the packed in_proj_weight; pass `keys` without it"
+                )
+            add(key, q)
+        for role, x in (("q_proj_weight", q), ("k_proj_weight", k), ("v_proj_weight", v)):
+            add(key_of.get((id(m), role)), x)
+        if (key := key_of.get((id(m), "out_proj"))) is not None:
+            add(key, mha_out_proj_input(m, *args, **kwargs))
+
+    saved: dict[int, tuple[nn.Module, nn.Parameter]] = {}
+
+    def proj_pre_hook(m: nn.Module, args: tuple) -> None:
+        saved[id(m)] = (m, m._parameters["proj"])
+        m._parameters["proj"] = None  # the forward skips `pooled @ self.proj`; proj_hook applies it
+
+    def proj_hook(m: nn.Module, args: tuple, output: Any) -> Any:
+        proj = saved.pop(id(m))[1]
+        m._parameters["proj"] = proj
+        pooled = output[0] if isinstance(output, tuple) else output
+        add(key_of[(id(m), "proj")], pooled)
+        return (pooled @ proj, *output[1:]) if isinstance(output, tuple) else pooled @ proj
+
+    handles, hooked_mha, n = [], set(), 0
+    try:
+        for m, role in targets.values():
+            if isinstance(m, nn.MultiheadAttention):
+                if id(m) not in hooked_mha:
+                    hooked_mha.add(id(m))
+                    handles.append(m.register_forward_hook(mha_hook, with_kwargs=True))
+            elif role == "linear":
+                handles.append(m.register_forward_pre_hook(linear_hook, with_kwargs=True))
+            elif role == "in_proj_weight":
+                handles.append(m.register_forward_pre_hook(in_proj_hook, with_kwargs=True))
+            else:  # proj
+                handles.append(m.register_forward_pre_hook(proj_pre_hook))
+                handles.append(m.register_forward_hook(proj_hook))
+        with eval_mode(model), torch.no_grad():
+            for batch in track(batches, description="input Grams", transient=True, disable=not progress):
+                forward(model, batch)
+                n += int(size(batch))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, proj in saved.values():  # a forward that raised between the two proj hooks
+            m._parameters["proj"] = proj
+    if n <= 0:
+        raise ValueError("input_grams: `batches` held no samples (N = 0)")
+    missing = [k for k in targets if k not in grams]
+    if missing and keys is not None:
+        raise ValueError(
+            f"input_grams: the forward never reached the linear map of {missing[0]!r} (in `keys`)"
+        )
+    if missing:
+        log.info("input_grams: %d linear maps not reached by the forward get no Gram", len(missing))
+    return {k: grams[k].div_(n) for k in targets if k in grams}, n
