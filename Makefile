@@ -1,6 +1,6 @@
 PY ?= python
 
-.PHONY: setup test test-fast run tiny-pretrain bench-quick bench-merge bench-finetune bench-tiny bench-tiny-2024 bench-vit-b32 bench-vit-b32-imported bench-vit-l14 bench-flan-t5 lint
+.PHONY: setup test test-fast run tiny-pretrain bench-quick bench-merge bench-finetune bench-tiny bench-tiny-2024 bench-tiny-data bench-data bench-vit-b32 bench-vit-b32-imported bench-vit-l14 bench-flan-t5 lint
 
 setup:          ## install fusion_bench and everything it needs (torch 2.14.1 CPU/CUDA wheel from the pin)
 	$(PY) -m pip install -e '.[dev]'
@@ -35,12 +35,23 @@ SWEEP = -m finetune=$(MODES) method=$(METHODS) method.scaling_coef=search
 METHODS_2024 ?= tsv_merging,iso_c,iso_cts,wudi,consensus_ta,consensus_ties,tall_masks,emr,breadcrumbs,magmax,model_stock
 MODES_2024 ?= standard,attention
 
-bench-tiny:     ## every mode x every method on tiny_eight, then the 2024-2026 methods (CPU): two sweep dirs, each summarised
+bench-tiny:     ## every mode x every method on tiny_eight, then the 2024-2026 methods and those that look at data (CPU)
 	$(PY) run.py $(SWEEP)
 	$(MAKE) bench-tiny-2024
+	$(MAKE) bench-tiny-data
 
 bench-tiny-2024: ## the data-free methods of 2024-2026 on tiny_eight, each with its paper's defaults (CPU)
 	$(PY) run.py -m finetune=$(MODES_2024) method=$(METHODS_2024)
+
+METHODS_DATA ?= regmean,fisher_merging,adamerging,adamerging_pp
+MODES_DATA ?= standard,attention
+
+bench-tiny-data: ## RegMean, Fisher merging, AdaMerging (++) on tiny_eight; LoraHub on the l_lora and lora fine-tunes
+	$(PY) run.py -m finetune=$(MODES_DATA) method=$(METHODS_DATA)
+	$(PY) run.py -m finetune=l_lora,lora ++finetune.task_vector=adapters method=lorahub
+
+bench-data:     ## statistics and AdaMerging step cost on ViT-B/32 (random weights, 224 px images; CPU or GPU)
+	$(PY) -m fusion_bench.benchmarks.data_methods
 
 bench-vit-b32:  ## the papers' protocol on ViT-B/32 (needs weights in paths.cache_dir and data in paths.data_root)
 	$(PY) run.py $(SWEEP) model=vit_b32 taskpool=eight_tasks trainer=gpu

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from fusion_bench.families import build_family
 from fusion_bench.merging.task_specific import TaskSpecificMerge
 from fusion_bench.reporting.report import write_report
-from fusion_bench.stages import coefficients
+from fusion_bench.stages import coefficients, learn, statistics
 from fusion_bench.stages.evaluate import merged_accuracies, reference_accuracies, trainable_params
 from fusion_bench.stages.finetune import ensure_finetuned, finetuned_state, seconds_per_step
 from fusion_bench.stages.merge import Method, save_merge
@@ -31,12 +31,26 @@ def _coef(cfg: DictConfig):
     return coef
 
 
+def coefficient_cfg(cfg: DictConfig) -> DictConfig:
+    """How the coefficients are chosen: the method's own `coefficients` block (method=adamerging, lorahub), else
+    the top-level `coefficients` group (coefficients=grid|adamerging|lorahub for any weighted method)."""
+    own, top = cfg.method.get("coefficients"), cfg.get("coefficients") or OmegaConf.create({"strategy": "grid"})
+    if own is not None and top.strategy != "grid" and top.strategy != own.strategy:
+        raise ValueError(f"method.coefficients.strategy={own.strategy} and coefficients={top.strategy}: give one")
+    return own if own is not None else top
+
+
 def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
     fam = build_family(cfg)
     torch.set_num_threads(int(cfg.num_threads))
     tasks = list(cfg.taskpool.tasks)
     t0 = time.perf_counter()
-    method = Method(cfg.method, fam.mode) if cfg.stage != "finetune" else None  # its errors before any training
+    method = coef_cfg = None
+    if cfg.stage != "finetune":  # the method's errors, and what it needs that the task pool lacks, before training
+        method, coef_cfg = Method(cfg.method, fam.mode, method_name), coefficient_cfg(cfg)
+        if cfg.stage != "analyze":
+            statistics.check(fam, method, tasks)
+            learn.check(fam, method, coef_cfg, tasks)
     if cfg.stage in ("finetune", "all"):
         for task in tasks:
             ensure_finetuned(fam, task)
@@ -47,16 +61,22 @@ def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
 
         return run_analysis(fam, method, cfg.analysis, run_dir, method_name)
     finetuned = [finetuned_state(fam, t) for t in tasks]
-    lin, coef, search = method.evaluate_linearized, _coef(cfg), None
+    lin, coef, search, learnt = method.evaluate_linearized, _coef(cfg), None, None
+    method.inputs.update(statistics.task_statistics(fam, method, tasks) or {})
     if cfg.method.get("lambdas") == "search":  # TALL masks / Consensus: lambda_t per task on val
         method.chosen["lambdas"] = coefficients.choose_tall_lambdas(fam, method, finetuned)
         log.info("TALL lambdas chosen on val: %s", dict(zip(tasks, method.chosen["lambdas"])))
     # stage=merge with a fixed coefficient evaluates nothing; with `search` it picks the coefficient on val
-    ref = {t: reference_accuracies(fam, t, lin) for t in tasks} if cfg.stage != "merge" or coef == "search" else {}
-    if coef == "search":
+    searching = coef == "search" and coef_cfg.strategy == "grid"
+    ref = {t: reference_accuracies(fam, t, lin) for t in tasks} if cfg.stage != "merge" or searching else {}
+    if coef_cfg.strategy != "grid":
+        merged, learnt = learn.learn(fam, method, coef_cfg, finetuned, tasks, run_dir)
+        coef = coef_cfg.strategy
+    elif searching:
         coef, scores = coefficients.search_scaling_coef(fam, method, finetuned, ref)
         search = {"grid": list(scores), "val_normalized": list(scores.values())}
-    merged = method(fam.pretrained_state, finetuned, coef)
+    if learnt is None:
+        merged = method(fam.pretrained_state, finetuned, coef)
     if cfg.stage == "merge":
         log.info("merged weights written to %s", save_merge(merged, run_dir, tasks))
         return None
@@ -80,6 +100,7 @@ def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
                     for k in ("zeroshot", "finetuned", "merged", "normalized")},
         "search": search,
         "chosen_on_val": method.chosen or None,
+        "learnt_coefficients": learnt,
         "storage": merged.storage_summary() if isinstance(merged, TaskSpecificMerge) else None,
         **fam.report_extras(),
         "method_config": OmegaConf.to_container(cfg.method),

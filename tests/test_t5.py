@@ -361,12 +361,22 @@ def test_end_to_end_standard(make_cfg, tiny_t5, glue_root, tmp_path):
         r = run(_cfg(make_cfg, tiny_t5, glue_root, "stage=evaluate", f"method={name}", *extra), tmp_path / name, name)
         _check_report(r, ["rte", "stsb"])
         assert (r["storage"] is not None) == (name in ("tall_masks", "emr"))
+    # methods that look at data: Gram matrices and Fishers of T5's linear maps on the train split
+    for name, kind, extra in (("regmean", "gram", []), ("fisher_merging", "fisher", ["method.statistics.target=label"])):
+        r = run(_cfg(make_cfg, tiny_t5, glue_root, "stage=evaluate", f"method={name}",
+                     "method.statistics.num_samples=8", *extra), tmp_path / name, name)
+        _check_report(r, ["rte", "stsb"])
+        assert len(list((tmp_path / "store/tiny_t5/standard/rte").glob(f"*.stat-{kind}-*"))) == 1
+    with pytest.raises(ValueError, match=r"statistics.target='sample' is not available.*\['label'\]"):
+        run(_cfg(make_cfg, tiny_t5, glue_root, "stage=evaluate", "method=fisher_merging"), tmp_path / "f", "f")
+    with pytest.raises(ValueError, match="coefficients=adamerging is not available for model=tiny_t5"):
+        run(_cfg(make_cfg, tiny_t5, glue_root, "stage=evaluate", "method=adamerging"), tmp_path / "ada", "ada")
     # analyses reuse the fine-tunes: cosine of the flattened task vectors, computed here independently
     cos = run(_cfg(make_cfg, tiny_t5, glue_root, "stage=analyze", "analysis=cosine"), tmp_path / "a1", "ta")
     from transformers import T5ForConditionalGeneration
 
     pre = T5ForConditionalGeneration.from_pretrained(tiny_t5).state_dict()
-    stored = [load_safetensors(next((tmp_path / f"store/tiny_t5/standard/{t}").glob("*.safetensors")))
+    stored = [load_safetensors(next((tmp_path / f"store/tiny_t5/standard/{t}").glob("seed0-????????????.safetensors")))
               for t in ("rte", "stsb")]
     taus = [torch.cat([(v.double() - pre[k].double()).flatten() for k, v in sorted(s.items())]) for s in stored]
     expected = float(taus[0] @ taus[1] / (taus[0].norm() * taus[1].norm()))
@@ -381,6 +391,13 @@ def test_end_to_end_lora_modes(make_cfg, tiny_t5, glue_root, tmp_path, mode, met
                "finetune.alpha=8", "taskpool.tasks=[cola,stsb]", "model.train.steps=6")
     report = run(cfg, tmp_path / "run", method)
     _check_report(report, ["cola", "stsb"])
+    if mode == "l_lora":  # LoraHub over the adapters: weights searched on a few val examples
+        hub = run(_cfg(make_cfg, tiny_t5, glue_root, f"finetune={mode}", "method=lorahub", "finetune.r=4",
+                       "finetune.alpha=8", "taskpool.tasks=[cola,stsb]", "model.train.steps=6", "stage=evaluate",
+                       "method.coefficients.budget=4", "method.coefficients.examples_per_task=2"),
+                  tmp_path / "hub", "lorahub")
+        _check_report(hub, ["cola", "stsb"])
+        assert set(hub["learnt_coefficients"]["weights"]) == {"cola", "stsb"}
     ckpt = load_safetensors(next((tmp_path / f"store/tiny_t5/{mode}/cola").glob("*.safetensors")))
     # only the adapters are stored: A and B on q and v of every self- and cross-attention (2+2 layers: 6 modules)
     assert all(".lora_" in k for k in ckpt) and len(ckpt) == 2 * 2 * (2 + 2 * 2)

@@ -96,6 +96,44 @@ class ModelFamily:
         """Accuracy of each (model, task, split)."""
         return [self.acc(*r) for r in runs]
 
+    # ---- what statistics and coefficient learning ask of a family (fusion_bench.stages) -------------------
+    fisher_targets: ClassVar[tuple[str, ...]] = ("sample", "label")
+
+    def batches(self, task: str, split: str, n: int | None, seed: int, batch_size: int) -> list[tuple[Any, Any]]:
+        """(inputs, labels) batches of n examples of the split drawn without replacement (seeded); all with None."""
+        raise NotImplementedError(f"{type(self).__name__} gives no batches of its tasks' data")
+
+    def grams(self, model: nn.Module, batches: list) -> dict[str, torch.Tensor]:
+        """Input Gram matrix of every linear map of `model` (fusion_bench.statistics.input_grams)."""
+        raise NotImplementedError(f"{type(self).__name__} computes no Gram matrices")
+
+    def fisher(self, model: nn.Module, task: str, batches: list, target: str, seed: int,
+               keys: list[str]) -> dict[str, torch.Tensor]:
+        """Diagonal Fisher of the parameters `keys` of `model` (fusion_bench.statistics.diagonal_fisher)."""
+        raise NotImplementedError(f"{type(self).__name__} computes no Fisher information")
+
+    def loss(self, model: nn.Module, task: str, batch) -> torch.Tensor:
+        """Mean cross-entropy of `model` on a labelled batch of the task (LoraHub's objective)."""
+        raise NotImplementedError(f"{type(self).__name__} has no loss for LoraHub")
+
+    def logits_at(self, model: nn.Module, weights: dict[str, torch.Tensor], task: str, inputs) -> torch.Tensor:
+        """The task's logits [B, C] of `model` run at merge-space `weights`, differentiable in them (AdaMerging)."""
+        raise NotImplementedError(f"{type(self).__name__} has no differentiable classifier for AdaMerging")
+
+    @property
+    def merges_plain_weights(self) -> bool:
+        """Task vectors over the network's own parameters, evaluated as the plain network: what a Gram matrix,
+        a Fisher or a functional forward at merged weights is defined on."""
+        ft = self.mode_cfg
+        return ft.mode in ("standard", "attention", "linear_layers") or (
+            ft.mode == "lora" and ft.get("task_vector", "delta_w") == "delta_w")
+
+    @property
+    def merges_adapters(self) -> bool:
+        """Task vectors over LoRA adapters (l_lora, or lora with finetune.task_vector=adapters): LoraHub's space."""
+        ft = self.mode_cfg
+        return ft.mode == "l_lora" or (ft.mode == "lora" and ft.get("task_vector", "delta_w") == "adapters")
+
     # ---- shared ---------------------------------------------------------------------------------------------
     @cached_property
     def store(self) -> CheckpointStore:

@@ -7,8 +7,11 @@ from pathlib import Path
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
+from torch.func import functional_call
+from torch.utils.data import default_collate
 
 from fusion_bench.data.tasks import Task, known_tasks, load_task
 from fusion_bench.evaluation.accuracy import accuracy
@@ -17,8 +20,9 @@ from fusion_bench.evaluation.search import CoefficientGrid, grid_correct
 from fusion_bench.families.base import ModelFamily, validate_common
 from fusion_bench.finetune.train import finetune
 from fusion_bench.models import modes as clip_modes
-from fusion_bench.models.clip import ImageClassifier, image_norm, load_clip, zero_shot_head
+from fusion_bench.models.clip import ImageClassifier, head_logits, image_norm, load_clip, zero_shot_head
 from fusion_bench.models.imported import finetuned_source
+from fusion_bench.statistics import diagonal_fisher, input_grams
 
 
 class CLIPFamily(ModelFamily):
@@ -109,6 +113,27 @@ class CLIPFamily(ModelFamily):
                                                self.cfg.model.eval_batch_size, self.eval_trainer, self.num_workers)
         return [grid_correct(line, self.head(t), self.tasks[t].split(split), self.cfg.model.eval_batch_size,
                              **self.eval_where) for t in tasks]
+
+    def batches(self, task: str, split: str, n: int | None, seed: int, batch_size: int) -> list[tuple]:
+        data = self.tasks[task].split(split)
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+        return [default_collate([data[i] for i in order[s:s + batch_size]]) for s in range(0, len(order), batch_size)]
+
+    def grams(self, model: nn.Module, batches: list) -> dict[str, torch.Tensor]:
+        return input_grams(model, batches, forward=lambda m, b: m(b[0]), size=lambda b: len(b[0]))[0]
+
+    def fisher(self, model: nn.Module, task: str, batches: list, target: str, seed: int,
+               keys: list[str]) -> dict[str, torch.Tensor]:
+        fisher, _ = diagonal_fisher(self.classifier(model, task), batches, keys=[f"encoder.{k}" for k in keys],
+                                    target=target, seed=seed)
+        return {k.removeprefix("encoder."): v for k, v in fisher.items()}
+
+    def loss(self, model: nn.Module, task: str, batch) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.classifier(model, task)(x), torch.as_tensor(y))
+
+    def logits_at(self, model: nn.Module, weights: dict[str, torch.Tensor], task: str, inputs) -> torch.Tensor:
+        return head_logits(functional_call(model, weights, (inputs,)), self.head(task))
 
     def train(self, task: str, module: nn.Module, work_dir: Path) -> float:
         return finetune(module, self.head(task), self.tasks[task], self.cfg.model.train, self.cfg.trainer,

@@ -23,6 +23,13 @@ def markdown(report: dict) -> str:
         bits = report["storage"]["task_bits_per_parameter"]
         lines += ["", (f"Task-specific weights: {max(bits):.3f} bits per parameter per task beyond the shared "
                       f"fp32 vector (32 bits per parameter).")]
+    if report.get("learnt_coefficients"):
+        c = report["learnt_coefficients"]
+        learnt = c.get("weights") or {t: (v if isinstance(v, float) else sum(v) / len(v))
+                                      for t, v in c["coefficients"].items()}
+        lines += ["", f"Coefficients learnt by {c['strategy']} on {c['inputs']}"
+                      f"{' (mean over parameter tensors; coefficients.png)' if c.get('layer_wise') else ''}: "
+                      + ", ".join(f"{t} {v:.3f}" for t, v in learnt.items())]
     if report.get("chosen_on_val"):
         lines += ["", f"Chosen on val: {report['chosen_on_val']}"]
     return head + "\n".join(lines) + "\n"

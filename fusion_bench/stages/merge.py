@@ -20,14 +20,18 @@ class Method:
     """`method=<name>`: the merging function with its YAML's hyper-parameters, and what it asks of the pipeline
     (function attributes: requires_mode, evaluate_linearized, affine_in_scaling_coef)."""
 
-    def __init__(self, method_cfg: DictConfig, mode: str):
+    PIPELINE_KEYS = ("statistics", "coefficients")  # read by the stages, not passed to the function
+
+    def __init__(self, method_cfg: DictConfig, mode: str, name: str | None = None):
         self.cfg = method_cfg
-        self.fn = instantiate(method_cfg)
+        self.fn = instantiate({k: v for k, v in method_cfg.items() if k not in self.PIPELINE_KEYS})
         self.func = getattr(self.fn, "func", self.fn)
         needs = getattr(self.func, "requires_mode", None)
         if needs and mode != needs:
             raise ValueError(f"method needs fine-tunes of finetune={needs}, got finetune={mode}")
+        self.name = name or self.func.__name__
         self.chosen: dict = {}  # hyper-parameters picked on val (TALL lambdas), given to every merge
+        self.inputs: dict = {}  # what the stages computed for every merge (per-task statistics)
 
     @property
     def evaluate_linearized(self) -> bool:
@@ -47,7 +51,7 @@ class Method:
         """The merge; `hp` overrides the YAML's hyper-parameters (and the ones chosen on val)."""
         if self.takes_coef:
             hp["scaling_coef"] = scaling_coef
-        return self.fn(pretrained, finetuned, **{**self.chosen, **hp})
+        return self.fn(pretrained, finetuned, **{**self.inputs, **self.chosen, **hp})
 
 
 def save_merge(merged: dict | TaskSpecificMerge, run_dir: Path, tasks: list[str]) -> Path:

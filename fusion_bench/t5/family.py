@@ -18,11 +18,13 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fusion_bench.evaluation.accuracy import eval_device
 from fusion_bench.families.base import ModelFamily, validate_common
+from fusion_bench.statistics import diagonal_fisher, input_grams
 from fusion_bench.t5 import glue
 from fusion_bench.t5 import modes as t5_modes
 from fusion_bench.t5.model import T5Logits, generate_texts, load_t5
@@ -106,6 +108,40 @@ class T5Family(ModelFamily):
     def eval_key_extras(self) -> dict:
         return {"max_new_tokens": self.cfg.model.max_new_tokens}
 
+    fisher_targets = ("label",)  # sampling whole target sequences from the model is not implemented
+
+    def batches(self, task: str, split: str, n: int | None, seed: int, batch_size: int) -> list[tuple]:
+        """(encoder/decoder inputs, labels) of the collated examples (labels: target token ids, padding -100)."""
+        data, collate = self.tasks[task].split(split), self.collator()
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+        out = []
+        for s in range(0, len(order), batch_size):
+            b = collate([data[i] for i in order[s:s + batch_size]])
+            out.append(({k: b[k] for k in ("input_ids", "attention_mask", "decoder_input_ids")}, b["labels"]))
+        return out
+
+    def grams(self, model: nn.Module, batches: list) -> dict[str, torch.Tensor]:
+        """Every position's input counts, padding included, as RegMean's T5 code does."""
+        return input_grams(model, batches, forward=lambda m, b: m(**b[0]),
+                           size=lambda b: b[0]["input_ids"].shape[0])[0]
+
+    def fisher(self, model: nn.Module, task: str, batches: list, target: str, seed: int,
+               keys: list[str]) -> dict[str, torch.Tensor]:
+        return diagonal_fisher(model, batches, _target_log_likelihood, keys=keys, target=target, seed=seed)[0]
+
+    def loss(self, model: nn.Module, task: str, batch) -> torch.Tensor:
+        x, labels = batch
+        logits = model(**x)
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+
     def train(self, task: str, module: nn.Module, work_dir: Path) -> float:
         return finetune_t5(module, self.collator(), self.tasks[task].split("train"), self.cfg.model.train,
                            self.cfg.trainer, self.cfg.seed, work_dir)
+
+
+def _target_log_likelihood(model: nn.Module, x: dict, labels: torch.Tensor) -> torch.Tensor:
+    """log p(target | source) per example: the sum of the target tokens' log-probabilities (padding excluded)."""
+    logp = torch.log_softmax(model(**x).float(), dim=-1)
+    mask = labels != -100
+    tok = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return (tok * mask).sum(-1)

@@ -1,0 +1,144 @@
+"""Coefficient learning (`coefficients=adamerging|lorahub`): the coefficients of a weighted merge learnt from
+data, beside the grid search on val (`coefficients=grid`, the default; fusion_bench/stages/coefficients.py).
+
+- adamerging (Yang et al., ICLR 2024): per task (`layer_wise: false`) or per task and parameter tensor, by
+  minimising the entropy of each task's predictions on unlabelled inputs (the test split's, as the paper does;
+  `split: val` as an option). Over task arithmetic's task vectors = AdaMerging; over TIES-trimmed,
+  sign-resolved ones (`method=ties`) = AdaMerging++.
+- lorahub (Huang et al., 2023): one weight per LoRA fine-tune, searched gradient-free on a few labelled val
+  examples per task; A and B combined separately.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch.utils._pytree import tree_map
+
+from fusion_bench.families.base import ModelFamily
+from fusion_bench.merging.adamerging import adamerging, ties_task_vectors
+from fusion_bench.merging.lorahub import lorahub
+from fusion_bench.reporting import plots
+from fusion_bench.stages.merge import Method
+
+log = logging.getLogger(__name__)
+
+WEIGHTED = ("task_arithmetic", "ties_merging")  # methods whose merge is a weighted sum of task vectors
+
+
+def check(fam: ModelFamily, method: Method, coef_cfg: DictConfig, tasks: list[str]) -> None:
+    """Stop before any work when the strategy cannot run here, naming the method, the mode and what is missing."""
+    strategy = coef_cfg.strategy
+    if strategy == "grid":
+        return
+    if method.cfg.get("statistics"):
+        raise ValueError(f"coefficients={strategy} learns the coefficients of a weighted merge; method="
+                         f"{method.name} weighs by statistics instead: use coefficients=grid")
+    if strategy == "adamerging":
+        if method.func.__name__ not in WEIGHTED:
+            raise ValueError(f"coefficients=adamerging learns coefficients of task_arithmetic (AdaMerging) or ties "
+                             f"(AdaMerging++) task vectors, not of method={method.name}")
+        if not fam.merges_plain_weights:
+            raise ValueError(f"coefficients=adamerging runs the encoder at merged weights, but finetune={fam.mode} "
+                             f"merges {'LoRA adapters' if fam.merges_adapters else 'a linearized model'}: use "
+                             f"finetune=standard, attention, linear_layers or lora (task_vector=delta_w)")
+        _needs(fam, "logits_at", strategy)
+    elif strategy == "lorahub":
+        if not fam.merges_adapters:
+            raise ValueError(f"coefficients=lorahub combines LoRA adapters: use finetune=l_lora, or finetune=lora "
+                             f"finetune.task_vector=adapters (got finetune={fam.mode})")
+        _needs(fam, "loss", strategy)
+    else:
+        raise ValueError(f"coefficients.strategy={strategy!r}; expected grid, adamerging or lorahub")
+    split = coef_cfg.get("split", "val")
+    for task in tasks:
+        try:
+            n = len(fam.tasks[task].split(split))
+        except (FileNotFoundError, KeyError, ValueError) as e:
+            raise ValueError(f"coefficients={strategy} needs the {split} split of task {task!r} (inputs to adapt "
+                             f"on), which taskpool={fam.cfg.taskpool.name} cannot give: {e}") from e
+        if n == 0:
+            raise ValueError(f"coefficients={strategy}: the {split} split of task {task!r} is empty")
+
+
+def _needs(fam: ModelFamily, what: str, strategy: str) -> None:
+    """The family must give `what` (a differentiable classifier, a loss) for the strategy."""
+    if getattr(type(fam), what) is getattr(ModelFamily, what):
+            raise ValueError(f"coefficients={strategy} is not available for model={fam.cfg.model.name} "
+                         f"({type(fam).__name__} has no `{what}`)")
+
+
+def learn(fam: ModelFamily, method: Method, coef_cfg: DictConfig, finetuned: list[dict], tasks: list[str],
+          run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The merge at the learnt coefficients, and what the report records of them."""
+    if coef_cfg.strategy == "adamerging":
+        return _adamerging(fam, method, coef_cfg, finetuned, tasks, run_dir)
+    return _lorahub(fam, coef_cfg, finetuned, tasks)
+
+
+def _task_vectors(fam: ModelFamily, method: Method, finetuned: list[dict]) -> list[dict[str, torch.Tensor]]:
+    pre = fam.pretrained_state
+    if method.func.__name__ == "ties_merging":
+        return ties_task_vectors(pre, finetuned, k=float(method.cfg.get("k", 0.2)))
+    return [{k: ft[k].float() - v.float() for k, v in pre.items() if v.is_floating_point()} for ft in finetuned]
+
+
+def _adamerging(fam, method, c, finetuned, tasks, run_dir):
+    device = fam.eval_where["device"]
+    pre = {k: v.to(device) for k, v in fam.pretrained_state.items()}
+    tvs = [{k: v.to(device) for k, v in tv.items()} for tv in _task_vectors(fam, method, finetuned)]
+    float_keys = [k for k in pre if pre[k].is_floating_point()]
+    pre32 = {k: pre[k].float() if k in float_keys else pre[k] for k in pre}
+    encoder = fam.model_with(fam.pretrained_state).to(device)
+    split, bs = str(c.get("split", "test")), int(c.batch_size)
+    streams = [_Stream(fam, t, split, bs, int(c.seed) + i, device) for i, t in enumerate(tasks)]
+    res = adamerging(pre32, tvs, lambda w, t, x: fam.logits_at(encoder, w, tasks[t], x),
+                     lambda step, t: streams[t].next(), layer_wise=bool(c.layer_wise), steps=int(c.steps),
+                     lr=float(c.lr), init=float(c.init), keys=float_keys, progress=True)
+    merged = {k: v.cpu() for k, v in res.weights(pre, tvs).items()}
+    coefs = res.coefs.tolist()
+    if res.layer_wise:
+        plots.curves(list(range(len(res.keys))), dict(zip(tasks, coefs)),
+                     f"AdaMerging coefficients ({method.name}, finetune={fam.mode})",
+                     "parameter tensor (encoder order)", "learnt coefficient", run_dir / "coefficients.png")
+    info = {"strategy": "adamerging", "inputs": f"{split} split, no labels", "layer_wise": res.layer_wise,
+            "steps": int(c.steps), "entropy_first": res.entropy[0] if res.entropy else None,
+            "entropy_last": res.entropy[-1] if res.entropy else None, "keys": res.keys if res.layer_wise else None,
+            "coefficients": dict(zip(tasks, coefs))}
+    return merged, info
+
+
+class _Stream:
+    """Batches of one task's inputs (no labels), each sample once per pass, passes in a seeded order."""
+
+    def __init__(self, fam: ModelFamily, task: str, split: str, batch_size: int, seed: int, device):
+        self.data = fam.tasks[task].split(split)
+        self.bs, self.device, self.g = batch_size, device, torch.Generator().manual_seed(seed)
+        self.order: list[int] = []
+
+    def next(self) -> torch.Tensor:
+        while len(self.order) < self.bs:
+            self.order += torch.randperm(len(self.data), generator=self.g).tolist()
+        idx, self.order = self.order[:self.bs], self.order[self.bs:]
+        return torch.stack([torch.as_tensor(self.data[i][0]) for i in idx]).to(self.device)
+
+
+def _lorahub(fam, c, finetuned, tasks):
+    device = fam.eval_where["device"]
+    n = int(c.examples_per_task)
+    examples = {t: tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x,
+                            fam.batches(t, "val", n, int(c.seed), n)[0]) for t in tasks}
+
+    @torch.no_grad()
+    def loss(adapters: dict[str, torch.Tensor]) -> float:
+        model = fam.model_with(adapters).to(device)
+        return sum(float(fam.loss(model, t, examples[t])) for t in tasks) / len(tasks)
+
+    res = lorahub(finetuned, loss, budget=int(c.budget), bound=float(c.bound), l1=float(c.l1), seed=int(c.seed),
+                  progress=True)
+    info = {"strategy": "lorahub", "inputs": f"{n} labelled val examples per task", "budget": int(c.budget),
+            "weights": dict(zip(tasks, res.weights)), "objective": res.objective, "loss": res.loss}
+    return res.adapters, info

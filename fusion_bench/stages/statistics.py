@@ -1,0 +1,116 @@
+"""The statistics stage: per-task statistics of each fine-tune on its task's training split, computed once and
+kept in the checkpoint store next to the fine-tune, for the merges that weigh task vectors by them.
+
+| method.statistics.kind | what                                                        | merge            |
+|------------------------|-------------------------------------------------------------|------------------|
+| gram                   | input Gram matrix of every linear map (statistics/grams.py) | regmean          |
+| fisher                 | diagonal Fisher of every merged parameter (statistics/fisher.py) | fisher_merging |
+
+A statistic's file is `<fine-tune>.stat-<kind>-<hash>.safetensors`, keyed by the fine-tune (its path), the
+statistic, the number of samples, the seed, the Fisher's target and the fine-tuning mode; written atomically,
+loaded without pickle, and reused by every later merge and sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch.utils._pytree import tree_map
+
+from fusion_bench import keys
+from fusion_bench.families.base import ModelFamily
+from fusion_bench.stages.finetune import finetuned_state
+from fusion_bench.stages.merge import Method
+from fusion_bench.store import CheckpointError, atomic_save_safetensors, config_hash, load_safetensors
+
+log = logging.getLogger(__name__)
+
+KINDS = {"gram": "grams", "fisher": "fishers"}  # statistic -> the merging function's argument
+
+
+def spec(method: Method) -> dict | None:
+    """The method's `statistics:` block with its defaults, or None for a method that needs none."""
+    s = method.cfg.get("statistics")
+    if not s:
+        return None
+    s = {"num_samples": 256, "batch_size": 16, "seed": 0, "target": "sample", **keys.resolved(s)}
+    if s.get("kind") not in KINDS:
+        raise ValueError(f"method={method.name}: statistics.kind={s.get('kind')!r}; expected one of {sorted(KINDS)}")
+    return s
+
+
+def check(fam: ModelFamily, method: Method, tasks: list[str]) -> None:
+    """Stop before any work when the statistics cannot be had: the mode, the target or a task's train split."""
+    s = spec(method)
+    if s is None:
+        return
+    what = {"gram": "input Gram matrices of the encoder's linear maps", "fisher": "the Fisher of its weights"}
+    if not fam.merges_plain_weights:
+        raise ValueError(f"method={method.name} needs {what[s['kind']]}, but finetune={fam.mode} merges "
+                         f"{'LoRA adapters' if fam.merges_adapters else 'a linearized model'}, for which there are none: "
+                         f"use finetune=standard, attention, linear_layers or lora")
+    if s["kind"] == "fisher" and s["target"] not in fam.fisher_targets:
+        raise ValueError(f"method={method.name}: statistics.target={s['target']!r} is not available for "
+                         f"model={fam.cfg.model.name}; use one of {list(fam.fisher_targets)}")
+    for task in tasks:
+        try:
+            n = len(fam.tasks[task].split("train"))
+        except (FileNotFoundError, KeyError, ValueError) as e:
+            raise ValueError(f"method={method.name} needs {what[s['kind']]} on the train split of task {task!r}, "
+                             f"which taskpool={fam.cfg.taskpool.name} cannot give: {e}") from e
+        if n == 0:
+            raise ValueError(f"method={method.name}: task {task!r} has an empty train split")
+
+
+def path(fam: ModelFamily, task: str, s: dict) -> Path:
+    fields = {k: s[k] for k in ("kind", "num_samples", "seed")}
+    if s["kind"] == "fisher":
+        fields["target"] = s["target"]
+    h = config_hash({**fields, "finetune": keys.resolved(fam.mode_cfg)})
+    return fam.checkpoint(task).with_suffix(f".stat-{s['kind']}-{h}.safetensors")
+
+
+def task_statistics(fam: ModelFamily, method: Method, tasks: list[str]) -> dict[str, list] | None:
+    """{argument name: one statistic per task} for the method's call, each made once and then read back."""
+    s = spec(method)
+    if s is None:
+        return None
+    return {KINDS[s["kind"]]: [ensure(fam, t, s) for t in tasks]}
+
+
+def ensure(fam: ModelFamily, task: str, s: dict) -> dict[str, torch.Tensor]:
+    where = path(fam, task, s)
+    merge_keys = set(fam.pretrained_state)
+    if where.is_file():
+        stat = load_safetensors(where)
+        unknown = sorted(set(stat) - merge_keys)
+        if unknown:
+            raise CheckpointError(f"statistic {where} has keys this run does not merge ({unknown[:3]}): delete it "
+                                  f"and re-run")
+        log.info("reusing %s statistics of %s: %s", s["kind"], task, where)
+        return stat
+    t0 = time.perf_counter()
+    device = fam.eval_where["device"]
+    model = fam.model_with(finetuned_state(fam, task)).to(device)
+    batches = tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x,
+                       fam.batches(task, "train", int(s["num_samples"]), int(s["seed"]), int(s["batch_size"])))
+    n = sum(len(b[1]) for b in batches)
+    if s["kind"] == "gram":
+        stat = {k: v for k, v in fam.grams(model, batches).items() if k in merge_keys}
+    else:
+        names = [k for k in fam.pretrained_state if fam.pretrained_state[k].is_floating_point()]
+        stat = fam.fisher(model, task, batches, s["target"], int(s["seed"]), names)
+    stat = {k: v.detach().cpu().float() for k, v in stat.items()}
+    if not stat:
+        raise ValueError(f"no {s['kind']} statistics for any merged parameter of finetune={fam.mode}")
+    seconds = time.perf_counter() - t0
+    meta = {**{k: str(v) for k, v in s.items()}, "task": task, "samples_used": str(n), "seconds": f"{seconds:.2f}",
+            "finetune": json.dumps(keys.resolved(fam.mode_cfg))}
+    atomic_save_safetensors(stat, where, metadata=meta)
+    log.info("%s statistics of %s (%d samples, %d tensors) in %.1f s -> %s", s["kind"], task, n, len(stat),
+             seconds, where)
+    return stat
