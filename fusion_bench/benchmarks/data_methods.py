@@ -75,7 +75,7 @@ def worker(kind: str, samples: int, threads: int) -> dict:
     elif kind == "fisher":
         clf = ImageClassifier(enc, head)
         keys = [n for n, p in clf.named_parameters() if p.is_floating_point()]
-        fisher, _ = diagonal_fisher(clf, batches, keys=keys, chunk=8)
+        fisher, _ = diagonal_fisher(clf, batches, keys=keys)
         n_out = len(fisher)
 
         def fwd_bwd():
@@ -101,6 +101,7 @@ def adamerging_worker(steps: int, threads: int, n_tasks: int = 8) -> dict:
     from fusion_bench.store import load_safetensors
 
     torch.set_num_threads(threads)
+    rss_import = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     cache = ROOT / "outputs" / "bench_merge" / "vit_b32"
     merge.build_checkpoints("vit_b32", cache, n_tasks, 3e-4)
     pre_path, ft_paths = merge.checkpoint_paths(cache, n_tasks)
@@ -133,12 +134,13 @@ def adamerging_worker(steps: int, threads: int, n_tasks: int = 8) -> dict:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return {"kind": "adamerging_layer_wise", "tasks": n_tasks, "batch_per_task": 16, "steps": steps,
             "s_per_step": min(times[1:] or times), "first_step_s": times[0], "rss_gib": rss,
-            "rss_before_adamerging_gib": rss_inputs, "encoder_fp32_gib": encoder_gib,
+            "rss_after_import_gib": rss_import, "rss_before_adamerging_gib": rss_inputs, "encoder_fp32_gib": encoder_gib,
             "bound_gib": (n_tasks + 4) * encoder_gib}
 
 
 def run_one(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], check=False, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "fusion_bench.benchmarks.data_methods", *args], check=False,
+                          capture_output=True, text=True, cwd=ROOT)
     if proc.returncode:
         raise RuntimeError(f"{args} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -169,8 +171,8 @@ def main() -> None:
               f"{r['gpu_estimate_s_per_256']:.2f} s |")
     r = rows[2]
     print(f"\nAdaMerging layer-wise, {r['tasks']} tasks x {r['batch_per_task']} images: {r['s_per_step']:.1f} s/step, "
-          f"peak RSS {r['rss_gib']:.2f} GiB (task vectors loaded: {r['rss_before_adamerging_gib']:.2f} GiB; "
-          f"(n_tasks + 4) x encoder = {r['bound_gib']:.2f} GiB)")
+          f"peak RSS {r['rss_gib']:.2f} GiB (after import {r['rss_after_import_gib']:.2f}, with theta_0 and the task "
+          f"vectors {r['rss_before_adamerging_gib']:.2f}; (n_tasks + 4) x encoder = {r['bound_gib']:.2f} GiB)")
 
 
 if __name__ == "__main__":
