@@ -136,5 +136,5 @@ def test_a_task_without_a_train_split_is_named(make_cfg, tmp_path, monkeypatch):
         return real(self, name)
 
     monkeypatch.setattr(Task, "split", split)
-    with pytest.raises(ValueError, match="method=regmean needs input Gram.*train split of task 'colors'.*no train/"):
+    with pytest.raises(ValueError, match=r"method=regmean \(input Gram.*needs the train split of task 'colors'.*no train/"):
         run(make_cfg(*POOL, "method=regmean", f"paths.store={tmp_path}/empty"), tmp_path / "r", "regmean")

@@ -120,6 +120,17 @@ class ModelFamily:
         """The task's logits [B, C] of `model` run at merge-space `weights`, differentiable in them (AdaMerging)."""
         raise NotImplementedError(f"{type(self).__name__} has no differentiable classifier for AdaMerging")
 
+    def require_split(self, tasks: list[str], split: str, who: str) -> None:
+        """Stop before any work when a task has no (or an empty) `split`; `who` says what needs it."""
+        for task in tasks:
+            try:
+                n = len(self.tasks[task].split(split))
+            except (FileNotFoundError, KeyError, ValueError) as e:
+                raise ValueError(f"{who} needs the {split} split of task {task!r}, which taskpool="
+                                 f"{self.cfg.taskpool.name} cannot give: {e}") from e
+            if n == 0:
+                raise ValueError(f"{who}: the {split} split of task {task!r} is empty")
+
     @property
     def merges_plain_weights(self) -> bool:
         """Task vectors over the network's own parameters, evaluated as the plain network: what a Gram matrix,

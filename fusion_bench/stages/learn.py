@@ -53,21 +53,13 @@ def check(fam: ModelFamily, method: Method, coef_cfg: DictConfig, tasks: list[st
         _needs(fam, "loss", strategy)
     else:
         raise ValueError(f"coefficients.strategy={strategy!r}; expected grid, adamerging or lorahub")
-    split = coef_cfg.get("split", "val")
-    for task in tasks:
-        try:
-            n = len(fam.tasks[task].split(split))
-        except (FileNotFoundError, KeyError, ValueError) as e:
-            raise ValueError(f"coefficients={strategy} needs the {split} split of task {task!r} (inputs to adapt "
-                             f"on), which taskpool={fam.cfg.taskpool.name} cannot give: {e}") from e
-        if n == 0:
-            raise ValueError(f"coefficients={strategy}: the {split} split of task {task!r} is empty")
+    fam.require_split(tasks, coef_cfg.get("split", "val"), f"coefficients={strategy} (inputs to learn from)")
 
 
 def _needs(fam: ModelFamily, what: str, strategy: str) -> None:
     """The family must give `what` (a differentiable classifier, a loss) for the strategy."""
     if getattr(type(fam), what) is getattr(ModelFamily, what):
-            raise ValueError(f"coefficients={strategy} is not available for model={fam.cfg.model.name} "
+        raise ValueError(f"coefficients={strategy} is not available for model={fam.cfg.model.name} "
                          f"({type(fam).__name__} has no `{what}`)")
 
 

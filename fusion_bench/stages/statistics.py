@@ -56,14 +56,7 @@ def check(fam: ModelFamily, method: Method, tasks: list[str]) -> None:
     if s["kind"] == "fisher" and s["target"] not in fam.fisher_targets:
         raise ValueError(f"method={method.name}: statistics.target={s['target']!r} is not available for "
                          f"model={fam.cfg.model.name}; use one of {list(fam.fisher_targets)}")
-    for task in tasks:
-        try:
-            n = len(fam.tasks[task].split("train"))
-        except (FileNotFoundError, KeyError, ValueError) as e:
-            raise ValueError(f"method={method.name} needs {what[s['kind']]} on the train split of task {task!r}, "
-                             f"which taskpool={fam.cfg.taskpool.name} cannot give: {e}") from e
-        if n == 0:
-            raise ValueError(f"method={method.name}: task {task!r} has an empty train split")
+    fam.require_split(tasks, "train", f"method={method.name} ({what[s['kind']]})")
 
 
 def path(fam: ModelFamily, task: str, s: dict) -> Path:
