@@ -6,6 +6,7 @@ only place that knows the model and the data.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fusion_bench.families import build_family
 from fusion_bench.merging.task_specific import TaskSpecificMerge
+from fusion_bench.reporting.memory import log_memory
 from fusion_bench.reporting.report import write_report
 from fusion_bench.stages import coefficients, learn, statistics
 from fusion_bench.stages.evaluate import merged_accuracies, reference_accuracies, trainable_params
@@ -54,6 +56,8 @@ def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
     if cfg.stage in ("finetune", "all"):
         for task in tasks:
             ensure_finetuned(fam, task)
+            gc.collect()  # the trainer, the optimiser state and the training copy go with it
+        log_memory("finetune")
         if cfg.stage == "finetune":
             return None
     if cfg.stage == "analyze":
@@ -63,6 +67,8 @@ def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
     finetuned = [finetuned_state(fam, t) for t in tasks]
     lin, coef, search, learnt = method.evaluate_linearized, _coef(cfg), None, None
     method.inputs.update(statistics.task_statistics(fam, method, tasks) or {})
+    if method.inputs:
+        log_memory("statistics")
     if cfg.method.get("lambdas") == "search":  # TALL masks / Consensus: lambda_t per task on val
         method.chosen["lambdas"] = coefficients.choose_tall_lambdas(fam, method, finetuned)
         log.info("TALL lambdas chosen on val: %s", dict(zip(tasks, method.chosen["lambdas"])))
@@ -77,10 +83,12 @@ def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
         search = {"grid": list(scores), "val_normalized": list(scores.values())}
     if learnt is None:
         merged = method(fam.pretrained_state, finetuned, coef)
+    log_memory("merge")
     if cfg.stage == "merge":
         log.info("merged weights written to %s", save_merge(merged, run_dir, tasks))
         return None
     test = merged_accuracies(fam, merged, "test", tasks, lin)
+    peak = log_memory("evaluate")
     per_task = {
         t: {"zeroshot": ref[t]["zeroshot_test"], "finetuned": ref[t]["finetuned_test"], "merged": test[t],
             "normalized": test[t] / max(ref[t]["finetuned_test"], 1e-12)}
@@ -105,6 +113,7 @@ def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
         **fam.report_extras(),
         "method_config": OmegaConf.to_container(cfg.method),
         "seconds": round(time.perf_counter() - t0, 1),
+        "peak_rss_gib": round(peak, 2),
     }
     write_report(report, run_dir)
     return report

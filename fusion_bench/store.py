@@ -91,13 +91,36 @@ class CheckpointStore:
         """Load a stored fine-tune; with `expected`, check it has exactly those keys and shapes."""
         state = load_safetensors(path)
         if expected is not None:
-            missing = sorted(set(expected) - set(state))
-            extra = sorted(set(state) - set(expected))
-            if missing or extra:
-                raise CheckpointError(f"checkpoint {path} does not fit the model: missing {missing[:5]}, unexpected {extra[:5]}")
-            for k, v in state.items():
-                if tuple(v.shape) != tuple(expected[k].shape):
-                    raise CheckpointError(
-                        f"checkpoint {path}: {k!r} has shape {tuple(v.shape)}, model expects {tuple(expected[k].shape)}"
-                    )
+            _check_fits(path, {k: tuple(v.shape) for k, v in state.items()}, expected)
         return state
+
+    def open(self, path: Path, expected: Mapping[str, torch.Tensor] | None = None):
+        """A stored fine-tune as a LazyStateDict (one tensor in memory at a time), checked as `load` checks it:
+        keys and shapes from the header, then every tensor read once for NaN / Inf and dropped."""
+        from fusion_bench.merging.lazy import LazyStateDict
+
+        try:
+            lazy = LazyStateDict(path)
+        except (ValueError, FileNotFoundError) as e:
+            raise CheckpointError(f"corrupted or truncated checkpoint {path}: {e}. Delete it and re-run.") from e
+        if expected is not None:
+            _check_fits(path, {k: tuple(lazy.shape(k)) for k in lazy}, expected)
+        for k in lazy:
+            try:
+                v = lazy[k]
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise CheckpointError(f"corrupted or truncated checkpoint {path} ({k!r}): {e}. Delete it and "
+                                      f"re-run.") from e
+            if v.is_floating_point() and not torch.isfinite(v).all():
+                raise CheckpointError(f"checkpoint {path}: tensor {k!r} contains NaN or Inf")
+        return lazy
+
+
+def _check_fits(path: Path, shapes: Mapping[str, tuple], expected: Mapping[str, torch.Tensor]) -> None:
+    missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"checkpoint {path} does not fit the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    for k, shape in shapes.items():
+        if shape != tuple(expected[k].shape):
+            raise CheckpointError(f"checkpoint {path}: {k!r} has shape {shape}, model expects "
+                                  f"{tuple(expected[k].shape)}")

@@ -24,7 +24,7 @@ DDP = OmegaConf.create({"_target_": "lightning.Trainer", "accelerator": "cpu", "
 def test_ddp_evaluation_counts_every_sample_once(make_cfg):
     exp = build_family(make_cfg("taskpool.tasks=[shapes]"))
     data = Subset(exp.tasks["shapes"].split("test"), range(333))  # odd: a padding sampler would repeat one
-    clf = ImageClassifier(exp.clip.visual, exp.head("shapes"))
+    clf = ImageClassifier(exp.encoder, exp.head("shapes"))
     single = accuracy(clf, data, 6, batch_size=50)
     by_hand = sum(int(clf(x[None]).argmax() == y) for x, y in data) / 333
     assert single == pytest.approx(by_hand, abs=1e-7)

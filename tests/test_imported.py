@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 
 from fusion_bench.evaluation.accuracy import accuracy
 from fusion_bench.families import build_family
-from fusion_bench.models.clip import ImageClassifier, WeightsFormatError
+from fusion_bench.models.clip import ImageClassifier, WeightsFormatError, load_clip
 from fusion_bench.pipeline import run
 from fusion_bench.stages.finetune import ensure_finetuned, finetuned_state
 
@@ -17,10 +17,10 @@ def _fine_tunes(exp, tmp_path) -> dict[str, dict[str, torch.Tensor]]:
     """Two 'published' fine-tunes of the tiny CLIP: one a whole CLIP in safetensors (open_clip keys), one an
     image-encoder state dict without the projection (as a CLIPVisionModel has none), saved with torch.save."""
     g = torch.Generator().manual_seed(0)
-    visual = {k: v.detach().clone() for k, v in exp.clip.visual.state_dict().items()}
+    visual = {k: v.detach().clone() for k, v in exp.encoder.state_dict().items()}
     tuned = {t: {k: v + 0.3 * v.std() * torch.randn(v.shape, generator=g) if v.numel() > 1 else v
                  for k, v in visual.items()} for t in TASKS}
-    whole = {k: v.detach().clone() for k, v in exp.clip.state_dict().items()}
+    whole = {k: v.detach().clone() for k, v in load_clip(exp.cfg.model).state_dict().items()}
     whole.update({f"visual.{k}": v for k, v in tuned["digits"].items()})
     save_file({k: v.contiguous() for k, v in whole.items()}, str(tmp_path / "ft_digits.safetensors"))
     torch.save({k: v for k, v in tuned["textures"].items() if k != "proj"}, tmp_path / "ft_textures.pt")
@@ -38,11 +38,11 @@ def test_imported_fine_tunes_are_merged_without_training(make_cfg, tmp_path, mon
     report = run(cfg, tmp_path / "run", "task_arithmetic")
 
     # independent reference: load the weights into the encoder by hand and evaluate
-    pre = {k: v.detach().clone() for k, v in exp.clip.visual.state_dict().items()}
+    pre = {k: v.detach().clone() for k, v in exp.encoder.state_dict().items()}
     merged = {k: pre[k] + 0.5 * sum(tuned[t][k] - pre[k] for t in TASKS) for k in pre}
 
     def acc_with(state, task):
-        enc = exp.clip.visual
+        enc = exp.encoder
         enc.load_state_dict(state)
         t = exp.tasks[task]
         out = accuracy(ImageClassifier(enc, exp.head(task)), t.split("test"), t.num_classes)
@@ -75,7 +75,7 @@ def test_template_path_hydra_override_and_errors(make_cfg, tmp_path):
     with pytest.raises(FileNotFoundError, match="ft_shapes.safetensors"):
         build_family(make_cfg("taskpool.tasks=[digits,shapes]", f"finetuned_from='{tmp_path}/ft_{{task}}.safetensors'"))
 
-    bad = {k: v for k, v in exp.clip.visual.state_dict().items() if k != "conv1.weight"}
+    bad = {k: v for k, v in exp.encoder.state_dict().items() if k != "conv1.weight"}
     torch.save(bad, tmp_path / "ft_missing.pt")
     bad = dict(bad, **{"conv1.weight": torch.zeros(3, 3)})
     torch.save(bad, tmp_path / "ft_shape.pt")

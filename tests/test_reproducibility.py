@@ -96,14 +96,17 @@ def test_fingerprint_covers_the_pretrained_encoder_in_every_mode(make_cfg, tmp_p
 
     mine = build_family(make_cfg(f"finetune={mode}"))
     other = tmp_path / "other_clip.safetensors"
-    state = {k: v.clone() for k, v in mine.clip.state_dict().items()}
+    from fusion_bench.models.clip import load_clip
+
+    whole = load_clip(mine.cfg.model).state_dict()
+    state = {k: v.clone() for k, v in whole.items()}
     state["visual.ln_post.weight"] += 0.01  # a weight no mode trains: only the fingerprint can see it
     atomic_save_safetensors(state, other)
     foreign = build_family(make_cfg(f"finetune={mode}", f"model.pretrained={other}"))
     assert foreign.fingerprint != mine.fingerprint
     assert foreign.checkpoint("digits") != mine.checkpoint("digits")  # a miss, not a silent reuse
     same = tmp_path / "same_clip.safetensors"
-    atomic_save_safetensors(mine.clip.state_dict(), same)
+    atomic_save_safetensors(whole, same)
     assert build_family(make_cfg(f"finetune={mode}", f"model.pretrained={same}")).checkpoint("digits") == \
         mine.checkpoint("digits")  # the same weights read from another file: a hit
 

@@ -44,9 +44,11 @@ class CoefficientGrid(nn.Module):
         super().__init__()
         self.encoder, self.grid, self._load = encoder, [float(c) for c in grid], load
         self.names = [k for k, v in pretrained.items() if v.is_floating_point()]
+        # a dict merge is consumed key by key (tau_m takes the merge's memory, not more); a mapping is only read
+        take = merged_at_one.pop if isinstance(merged_at_one, dict) else merged_at_one.__getitem__
         for i, k in enumerate(self.names):  # buffers: they follow the module to its device (and DDP ranks)
             self.register_buffer(f"theta0_{i}", pretrained[k].float(), persistent=False)
-            self.register_buffer(f"tau_{i}", merged_at_one[k].float() - pretrained[k].float(), persistent=False)
+            self.register_buffer(f"tau_{i}", _minus(take(k), pretrained[k], isinstance(merged_at_one, dict)), persistent=False)
         self.jvp = isinstance(encoder, LinearizedModel)
         if self.jvp:  # the linearized encoder at c = 1: its jvp tangent is then J tau_m
             self._load(self.encoder, self.weights(1.0))
@@ -64,6 +66,15 @@ class CoefficientGrid(nn.Module):
             self._load(self.encoder, self.weights(c))
             out.append(head_logits(self.encoder(x), head))
         return out
+
+
+def _minus(merged: torch.Tensor, pretrained: torch.Tensor, owned: bool) -> torch.Tensor:
+    """merged - pretrained in fp32; in the merged tensor's own memory when it was handed over (`owned`), is fp32
+    and is not theta_0 itself (a method may return theta_0's tensor for a key it leaves alone)."""
+    if owned and merged.dtype == torch.float32 and merged.untyped_storage().data_ptr() != \
+            pretrained.untyped_storage().data_ptr():
+        return merged.sub_(pretrained.float())
+    return merged.float() - pretrained.float()
 
 
 class GridClassifier(nn.Module):

@@ -167,9 +167,16 @@ class ModelFamily:
         return self.modes.trainable_state(module)
 
     @cached_property
+    def pretrained_trainable(self) -> dict[str, torch.Tensor]:
+        """theta_0 of the trainable parameters (what the store keeps): views of the encoder's own weights where the
+        mode trains them as they are, else from the mode model at the pretrained weights."""
+        views = self.modes.pretrained_trainable(self.mode_cfg, self.encoder)
+        return views if views is not None else self.trainable_state(self.base)
+
+    @cached_property
     def pretrained_state(self) -> dict[str, torch.Tensor]:
         """theta_0 in the space task vectors live in."""
-        return self.modes.to_merge_space(self.mode_cfg, self.encoder, self.trainable_state(self.base))
+        return self.modes.to_merge_space(self.mode_cfg, self.encoder, self.pretrained_trainable)
 
     def to_merge_space(self, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.modes.to_merge_space(self.mode_cfg, self.encoder, stored)
@@ -179,7 +186,7 @@ class ModelFamily:
         """A hash of every pretrained weight a fine-tune starts from: the whole network and the mode's trainable
         start (for LoRA modes the adapters' init, which does not depend on W0). Part of the store key, and stored
         with each fine-tune to catch foreign task vectors."""
-        return keys.fingerprint(self.encoder.state_dict(), self.trainable_state(self.base))
+        return keys.fingerprint(self.encoder.state_dict(), self.pretrained_trainable)
 
     def checkpoint(self, task: str) -> Path:
         """Where the fine-tune of `task` lives in the store."""

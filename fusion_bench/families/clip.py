@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from functools import cached_property
 from pathlib import Path
 
@@ -20,17 +21,13 @@ from fusion_bench.evaluation.search import CoefficientGrid, grid_correct
 from fusion_bench.families.base import ModelFamily, validate_common
 from fusion_bench.finetune.train import finetune
 from fusion_bench.models import modes as clip_modes
-from fusion_bench.models.clip import ImageClassifier, head_logits, image_norm, load_clip, zero_shot_head
+from fusion_bench.models.clip import ImageClassifier, head_logits, load_clip, zero_shot_head
 from fusion_bench.models.imported import finetuned_source
 from fusion_bench.statistics import diagonal_fisher, input_grams
 
 
 class CLIPFamily(ModelFamily):
     """open_clip's image tower with one frozen zero-shot head per task."""
-
-    def __init__(self, cfg: DictConfig):
-        super().__init__(cfg)
-        self._heads: dict[str, torch.Tensor] = {}
 
     @classmethod
     def validate(cls, cfg: DictConfig) -> None:
@@ -49,28 +46,31 @@ class CLIPFamily(ModelFamily):
             raise FileNotFoundError("finetuned_from: no such fine-tuned checkpoint(s):\n  " + "\n  ".join(absent))
 
     @cached_property
-    def clip(self) -> nn.Module:
-        return load_clip(self.cfg.model)
-
-    @cached_property
-    def tokenizer(self):
-        return open_clip.get_tokenizer(self.cfg.model.arch)
+    def encoder(self) -> nn.Module:
+        """The image encoder. The whole CLIP stays loaded only until the zero-shot heads exist (`_heads`)."""
+        self._whole = load_clip(self.cfg.model)
+        return self._whole.visual
 
     @cached_property
     def tasks(self) -> dict[str, Task]:
-        mean, std = image_norm(self.clip)
-        return {t: load_task(self.cfg.taskpool, t, mean, std, self.cfg.paths.data,
-                             image_size=self.clip.visual.image_size) for t in self.cfg.taskpool.tasks}
+        pp = self.encoder.preprocess_cfg
+        return {t: load_task(self.cfg.taskpool, t, tuple(pp["mean"]), tuple(pp["std"]), self.cfg.paths.data,
+                             image_size=self.encoder.image_size) for t in self.cfg.taskpool.tasks}
 
-    @property
-    def encoder(self) -> nn.Module:
-        return self.clip.visual
+    @cached_property
+    def _heads(self) -> dict[str, torch.Tensor]:
+        """Every task's zero-shot head (class-name embeddings of the text tower), made at once; then the text
+        tower is let go and only the image encoder stays in memory."""
+        encoder, tokenizer = self.encoder, open_clip.get_tokenizer(self.cfg.model.arch)
+        heads = {t: zero_shot_head(self._whole, tokenizer, task.classnames, task.templates)
+                 for t, task in self.tasks.items()}
+        assert self._whole.visual is encoder
+        del self._whole
+        gc.collect()
+        return heads
 
     def head(self, task: str) -> torch.Tensor:
-        """The task's zero-shot classification head (class-name embeddings of the text tower), made once."""
-        if task not in self._heads:
-            t = self.tasks[task]
-            self._heads[task] = zero_shot_head(self.clip, self.tokenizer, t.classnames, t.templates)
+        """The task's zero-shot classification head."""
         return self._heads[task]
 
     def imported(self, task: str) -> Path | None:

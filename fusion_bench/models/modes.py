@@ -124,8 +124,24 @@ def build_mode_model(finetune_cfg: DictConfig, encoder: nn.Module) -> nn.Module:
 
 
 def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """What the store keeps and what task vectors are over: the trainable parameters, detached (fp32)."""
-    return {n: p.detach().float().clone() for n, p in module.named_parameters() if p.requires_grad}
+    """What the store keeps and what task vectors are over: the trainable parameters, detached, in fp32 (views of
+    fp32 parameters, not copies: an encoder-sized copy per call is what made real-size runs run out of memory)."""
+    return {n: p.detach().float() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def pretrained_trainable(finetune_cfg: DictConfig, encoder: nn.Module) -> dict[str, torch.Tensor] | None:
+    """trainable_state(build_mode_model(cfg, encoder)) without building it, as views of `encoder`'s own
+    parameters, for the modes that train a subset of them as they are (standard, post-hoc linear, attention,
+    linear_layers); None for the others (they add or wrap parameters)."""
+    mode = _check_mode(finetune_cfg)
+    params = dict(encoder.named_parameters())
+    if mode == "standard" or (mode == "linear" and finetune_cfg.get("posthoc", False)):
+        names = list(params)
+    elif mode in ("attention", "linear_layers"):
+        names = block_weight_names(encoder, mlp=mode == "linear_layers", bias=bool(finetune_cfg.get("train_bias")))
+    else:
+        return None
+    return {n: params[n].detach().float() for n in names}
 
 
 def load_trainable(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:

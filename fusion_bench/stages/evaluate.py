@@ -59,11 +59,13 @@ def grid_accuracies(fam: ModelFamily, method: Method, finetuned: list[dict], gri
     lin, pre = method.evaluate_linearized, fam.pretrained_state
     if not (fam.fast_search and method.affine):
         return [merged_accuracies(fam, method(pre, finetuned, c), split, tasks, lin) for c in grid]
-    line = CoefficientGrid(fam.model_with(pre, linearized=lin), pre, method(pre, finetuned, 1.0), grid,
-                           partial(fam.modes.reload, finetune_cfg=fam.mode_cfg, base=fam.base, linearized=lin))
+    base = fam.base if fam.mode == "l_lora" else None  # only l_lora folds adapters with the mode model
+    encoder = fam.model_with(pre, linearized=lin)
+    line = CoefficientGrid(encoder, pre, method(pre, finetuned, 1.0), grid,
+                           partial(fam.modes.reload, finetune_cfg=fam.mode_cfg, base=base, linearized=lin))
     acc = fam.grid_accuracies(line, tasks, split)
     return [{t: acc[i][j] for i, t in enumerate(tasks)} for j in range(len(grid))]
 
 
 def trainable_params(fam: ModelFamily) -> int:
-    return sum(v.numel() for v in fam.trainable_state(fam.base).values() if isinstance(v, torch.Tensor))
+    return sum(v.numel() for v in fam.pretrained_trainable.values() if isinstance(v, torch.Tensor))

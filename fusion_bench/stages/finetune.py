@@ -39,7 +39,7 @@ def _make(fam: ModelFamily, task: str, path: Path) -> Path:
     cfg = fam.cfg
     src = fam.imported(task)
     if src is not None:
-        state = import_encoder(src, fam.trainable_state(fam.base))
+        state = import_encoder(src, fam.pretrained_trainable)
         fam.store.save(path, state, {"task": task, "mode": "standard", "model": cfg.model.name,
                                      "imported_from": str(src.resolve())})
         log.info("imported fine-tune of %s from %s -> %s", task, src, path)
@@ -67,7 +67,7 @@ def finetuned_state(fam: ModelFamily, task: str) -> dict[str, torch.Tensor]:
             f"missing fine-tune for task {task!r} (mode {fam.mode}, seed {cfg.seed}): {path}\n"
             f"make it with: python run.py stage=finetune model={cfg.model.name} taskpool={cfg.taskpool.name} "
             f"taskpool.tasks=[{task}] finetune={fam.mode} seed={cfg.seed}")
-    stored = fam.store.load(path, expected=fam.trainable_state(fam.base))
+    stored = fam.store.open(path, expected=fam.pretrained_trainable)  # read tensor by tensor, when needed
     origin = fam.checkpoint_meta(task).get("pretrained")
     if origin is not None and origin != fam.fingerprint:
         raise CheckpointError(f"checkpoint {path} was fine-tuned from another pretrained model (fingerprint "

@@ -74,6 +74,11 @@ def build_mode_model(cfg: DictConfig, backbone: nn.Module) -> nn.Module:
     return (LoRAEncoder(module) if mode == "lora" else LinearizedLoRA(module)).train()
 
 
+def pretrained_trainable(cfg: DictConfig, backbone: nn.Module) -> dict[str, torch.Tensor] | None:
+    """Views of the backbone's parameters for finetune=standard (see fusion_bench.models.modes); None for LoRA."""
+    return modes.pretrained_trainable(cfg, backbone) if _check(cfg) == "standard" else None
+
+
 def _delta_w(cfg: DictConfig) -> bool:
     return cfg.mode == "lora" and cfg.get("task_vector", "delta_w") == "delta_w"
 

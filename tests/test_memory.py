@@ -1,0 +1,64 @@
+"""Host memory: encoder-sized copies held during a coefficient search, fine-tunes read lazily from the store, and
+the text tower freed once the zero-shot heads exist (so the copies do not come back)."""
+
+import gc
+
+import torch
+
+from fusion_bench.families import build_family
+from fusion_bench.stages.evaluate import grid_accuracies
+from fusion_bench.stages.finetune import finetuned_state
+from fusion_bench.stages.merge import Method
+
+POOL = ["taskpool.tasks=[shapes,colors,position]", "model.eval_batch_size=64"]
+
+
+def _live_copies(probe: torch.Tensor, per_copy: int) -> float:
+    """Distinct storages alive holding a tensor of the probe's shape and dtype, over how many one encoder has."""
+    gc.collect()
+    ptrs = set()
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor) and obj.shape == probe.shape and obj.dtype == probe.dtype:
+                ptrs.add(obj.untyped_storage().data_ptr())
+        except ReferenceError:
+            continue
+    return len(ptrs) / per_copy
+
+
+def _stored_fakes(fam, scale=0.3):
+    g = torch.Generator().manual_seed(7)
+    for t in fam.tasks:
+        state = {k: v + scale * v.std().clamp_min(0.05) * torch.randn(v.shape, generator=g)
+                 for k, v in fam.pretrained_trainable.items()}
+        fam.store.save(fam.checkpoint(t), state, {"task": t, "pretrained": fam.fingerprint})
+
+
+def test_search_holds_a_fixed_number_of_encoder_copies(make_cfg, monkeypatch):
+    """The encoder, theta_0 (its views), tau_m and one evaluation encoder: 3 copies of the largest weight during
+    the search, whatever the number of tasks and grid points; the fine-tunes stay on disk."""
+    fam = build_family(make_cfg(*POOL))
+    _stored_fakes(fam)
+    method = Method(fam.cfg.method, fam.mode)
+    key = max(fam.pretrained_state, key=lambda k: fam.pretrained_state[k].numel())
+    probe = fam.pretrained_state[key]
+    per_copy = sum(p.shape == probe.shape for p in fam.encoder.parameters())
+    fts = [finetuned_state(fam, t) for t in fam.tasks]
+    assert _live_copies(probe, per_copy) == 1  # lazy fine-tunes, theta_0 as views: only the encoder's weights
+    seen = []
+    from fusion_bench.evaluation import search
+
+    real = search.CoefficientGrid.logits
+    monkeypatch.setattr(search.CoefficientGrid, "logits",
+                        lambda self, x, head: seen.append(_live_copies(probe, per_copy)) or real(self, x, head))
+    grid_accuracies(fam, method, fts, [0.0, 0.5, 1.0], "val")
+    assert seen and max(seen) == 3, seen
+
+
+def test_text_tower_is_freed_once_the_heads_exist(make_cfg):
+    fam = build_family(make_cfg(*POOL))
+    heads = {t: fam.head(t) for t in fam.tasks}
+    assert all(h.shape[0] == fam.tasks[t].num_classes for t, h in heads.items())
+    gc.collect()
+    texts = [o for o in gc.get_objects() if isinstance(o, torch.nn.Module) and hasattr(o, "token_embedding")]
+    assert texts == []  # no CLIP (with its text tower) is alive, only the image encoder
