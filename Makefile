@@ -1,6 +1,6 @@
 PY ?= python
 
-.PHONY: setup test test-fast run tiny-pretrain bench-quick bench-merge bench-finetune bench-tiny bench-tiny-2024 bench-tiny-data bench-data bench-vit-b32 bench-vit-b32-imported bench-vit-l14 bench-flan-t5 lint
+.PHONY: setup test test-fast run tiny-pretrain bench-quick bench-merge bench-finetune bench-tiny bench-tiny-2024 bench-tiny-data bench-data bench-memory bench-vit-b32 bench-vit-b32-imported bench-vit-l14 bench-flan-t5 lint
 
 setup:          ## install fusion_bench and everything it needs (torch 2.14.1 CPU/CUDA wheel from the pin)
 	$(PY) -m pip install -e '.[dev]'
@@ -52,6 +52,9 @@ bench-tiny-data: ## RegMean, Fisher merging, AdaMerging (++) on tiny_eight; Lora
 
 bench-data:     ## statistics and AdaMerging step cost on ViT-B/32 (random weights, 224 px images; CPU or GPU)
 	$(PY) -m fusion_bench.benchmarks.data_methods
+
+bench-memory:   ## peak host memory of stage=all / stage=evaluate, eight tasks, ViT-B/32 and ViT-L/14 (random weights, fixture data)
+	$(PY) -m fusion_bench.benchmarks.memory --arch vit_b32 vit_l14
 
 bench-vit-b32:  ## the papers' protocol on ViT-B/32 (needs weights in paths.cache_dir and data in paths.data_root)
 	$(PY) run.py $(SWEEP) model=vit_b32 taskpool=eight_tasks trainer=gpu

@@ -6,7 +6,6 @@ only place that knows the model and the data.
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fusion_bench.families import build_family
 from fusion_bench.merging.task_specific import TaskSpecificMerge
-from fusion_bench.reporting.memory import log_memory
+from fusion_bench.reporting.memory import log_memory, release
 from fusion_bench.reporting.report import write_report
 from fusion_bench.stages import coefficients, learn, statistics
 from fusion_bench.stages.evaluate import merged_accuracies, reference_accuracies, trainable_params
@@ -56,7 +55,7 @@ def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
     if cfg.stage in ("finetune", "all"):
         for task in tasks:
             ensure_finetuned(fam, task)
-            gc.collect()  # the trainer, the optimiser state and the training copy go with it
+            release()  # the trainer, the optimiser state and the training copy go with it
         log_memory("finetune")
         if cfg.stage == "finetune":
             return None

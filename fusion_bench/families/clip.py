@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from functools import cached_property
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from fusion_bench.finetune.train import finetune
 from fusion_bench.models import modes as clip_modes
 from fusion_bench.models.clip import ImageClassifier, head_logits, load_clip, zero_shot_head
 from fusion_bench.models.imported import finetuned_source
+from fusion_bench.reporting.memory import release
 from fusion_bench.statistics import diagonal_fisher, input_grams
 
 
@@ -49,6 +49,7 @@ class CLIPFamily(ModelFamily):
     def encoder(self) -> nn.Module:
         """The image encoder. The whole CLIP stays loaded only until the zero-shot heads exist (`_heads`)."""
         self._whole = load_clip(self.cfg.model)
+        release()  # the state dict read from the file
         return self._whole.visual
 
     @cached_property
@@ -66,7 +67,7 @@ class CLIPFamily(ModelFamily):
                  for t, task in self.tasks.items()}
         assert self._whole.visual is encoder
         del self._whole
-        gc.collect()
+        release()
         return heads
 
     def head(self, task: str) -> torch.Tensor:

@@ -24,6 +24,20 @@ def peak_rss_gib() -> float:
     return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, KiB on Linux
 
 
+def release() -> None:
+    """Collect garbage and hand freed heap memory back to the OS (glibc keeps it otherwise, and the next stage's
+    peak starts from there)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
 def log_memory(stage: str) -> float:
     """Log 'memory after <stage>: RSS x GiB, peak y GiB' and return the peak."""
     now, peak = rss_gib(), peak_rss_gib()

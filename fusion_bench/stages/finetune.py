@@ -11,6 +11,7 @@ from filelock import FileLock
 from fusion_bench.families.base import ModelFamily
 from fusion_bench.finetune.train import cleanup
 from fusion_bench.models.imported import import_encoder
+from fusion_bench.reporting.memory import release
 from fusion_bench.store import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,9 @@ def _make(fam: ModelFamily, task: str, path: Path) -> Path:
     module = fam.modes.build_mode_model(fam.mode_cfg, fam.encoder)
     work_dir = path.with_suffix(".partial")
     sec = fam.train(task, module, work_dir)
+    for p in module.parameters():  # the gradients, and (collected) the trainer with the optimiser state, go now
+        p.grad = None
+    release()
     meta = {"task": task, "mode": fam.mode, "model": cfg.model.name, "pretrained": fam.fingerprint,
             "seed": cfg.seed, "seconds_per_step": round(sec, 4),
             "trainer": {k: str(cfg.trainer.get(k)) for k in ("accelerator", "devices", "precision")}}
