@@ -37,6 +37,7 @@ def build(arch: str, work: Path) -> tuple[Path, Path]:
     from fixtures import eight_tasks_data as fx
 
     weights, data = work / f"{arch}-random.safetensors", work / "data_root"
+    work.mkdir(parents=True, exist_ok=True)
     if not weights.is_file():
         torch.manual_seed(0)
         model = open_clip.create_model(ARCHS[arch], pretrained=None)
