@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .task_vectors import StateDict, finish, prepare, scaling_coefs
+from .task_vectors import StateDict, finish, prepare, scaling_coefs, statistic_keys
 
 log = logging.getLogger(__name__)
 
@@ -46,26 +46,13 @@ def fisher_merging(
     that is not a float weight, a shape mismatch, and (with ``normalize``) a task whose Fisher is all zero.
     """
     inp = prepare(pretrained, finetuned, "fisher_merging")
-    if isinstance(fishers, Mapping) or len(fishers) != inp.n:
-        got = "one mapping" if isinstance(fishers, Mapping) else f"{len(fishers)}"
-        raise ValueError(
-            f"fisher_merging: need one Fisher mapping per finetuned checkpoint ({inp.n}), got {got}"
-        )
     if not epsilon > 0:
         raise ValueError(f"fisher_merging: epsilon must be > 0 (the floor of the Fisher), got {epsilon}")
     lam = [1.0] * inp.n if coefficients is None else scaling_coefs(coefficients, inp.n, "fisher_merging")
     if min(lam) < 0 or sum(lam) <= 0:
         raise ValueError(f"fisher_merging: coefficients must be >= 0 and not all 0, got {lam}")
-    fisher_keys = list(dict.fromkeys(k for f in fishers for k in f))
+    fisher_keys = statistic_keys(inp, fishers, "fisher_merging", "Fisher")
     for key in fisher_keys:
-        missing = [inp.names[t] for t, f in enumerate(fishers) if key not in f]
-        if missing:
-            raise ValueError(
-                f"fisher_merging: key {key!r} has a Fisher for some tasks but not for {missing[0]}; compute "
-                "the statistics of every task with the same keys"
-            )
-        if key not in inp.dtypes or not inp.dtypes[key].is_floating_point:
-            raise ValueError(f"fisher_merging: a Fisher was given for {key!r}, which is not a float weight")
         for f, name in zip(fishers, inp.names):
             if f[key].shape != inp.shapes[key]:
                 raise ValueError(

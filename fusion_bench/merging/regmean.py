@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .task_vectors import StateDict, finish, prepare
+from .task_vectors import StateDict, finish, prepare, statistic_keys
 
 
 def is_right_multiplied(key: str) -> bool:
@@ -51,22 +51,10 @@ def regmean(
         raise ValueError(
             f"regmean: reduce_non_diagonal_ratio must lie in [0, 1], got {reduce_non_diagonal_ratio}"
         )
-    if isinstance(grams, Mapping) or len(grams) != inp.n:
-        got = "one mapping" if isinstance(grams, Mapping) else f"{len(grams)}"
-        raise ValueError(f"regmean: need one Gram mapping per finetuned checkpoint ({inp.n}), got {got}")
-    gram_keys = list(dict.fromkeys(k for g in grams for k in g))
-    for key in gram_keys:
-        missing = [inp.names[t] for t, g in enumerate(grams) if key not in g]
-        if missing:
-            raise ValueError(
-                f"regmean: key {key!r} has a Gram for some tasks but not for {missing[0]}; compute the "
-                "statistics of every task with the same keys"
-            )
-        if key not in inp.dtypes or not inp.dtypes[key].is_floating_point or len(inp.shapes[key]) != 2:
-            shape = tuple(inp.shapes[key]) if key in inp.shapes else "missing"
-            raise ValueError(
-                f"regmean: a Gram was given for {key!r}, which is not a 2-D float weight ({shape})"
-            )
+    for key in statistic_keys(inp, grams, "regmean", "Gram"):
+        if len(inp.shapes[key]) != 2:
+            raise ValueError(f"regmean: a Gram was given for {key!r}, which is not a 2-D float weight "
+                             f"({tuple(inp.shapes[key])})")
     out: dict[str, Tensor] = {}
     for key in inp.float_keys:
         if key in grams[0]:

@@ -136,6 +136,23 @@ def prepare(pretrained: StateDict, finetuned: Sequence[StateDict], method: str =
     return MergeInputs(pretrained, finetuned, names, keys, float_keys, shapes, dtypes, numels)
 
 
+def statistic_keys(inp: MergeInputs, stats: Sequence[Mapping[str, Tensor]], method: str, what: str) -> list[str]:
+    """The keys of per-task statistics (RegMean's Grams, Fishers): one mapping per fine-tune, every key in all of
+    them, each a floating weight of the model. Returns the keys in first-seen order."""
+    if isinstance(stats, Mapping) or len(stats) != inp.n:
+        got = "one mapping" if isinstance(stats, Mapping) else f"{len(stats)}"
+        raise ValueError(f"{method}: need one {what} mapping per finetuned checkpoint ({inp.n}), got {got}")
+    keys = list(dict.fromkeys(k for st in stats for k in st))
+    for key in keys:
+        missing = [inp.names[t] for t, st in enumerate(stats) if key not in st]
+        if missing:
+            raise ValueError(f"{method}: key {key!r} has a {what} for some tasks but not for {missing[0]}; compute "
+                             "the statistics of every task with the same keys")
+        if key not in inp.dtypes or not inp.dtypes[key].is_floating_point:
+            raise ValueError(f"{method}: a {what} was given for {key!r}, which is not a float weight")
+    return keys
+
+
 def scaling_coefs(scaling_coef: float | Sequence[float], n: int, method: str) -> list[float]:
     """One float per task from a float or a list (length must be ``n``)."""
     if isinstance(scaling_coef, str):
