@@ -61,8 +61,12 @@ def _make(fam: ModelFamily, task: str, path: Path) -> Path:
 
 
 def finetuned_state(fam: ModelFamily, task: str) -> dict[str, torch.Tensor]:
-    """The fine-tune of `task` in merge space, checked against this run's pretrained model."""
+    """The fine-tune of `task` in merge space, checked against this run's pretrained model. A lazy one (read
+    tensor by tensor) is opened and checked once per run; every later stage gets the same mapping."""
     path = fam.checkpoint(task)
+    opened = fam.__dict__.setdefault("_opened_finetunes", {})
+    if path in opened:
+        return opened[path]
     if not path.is_file() and fam.imported(task) is not None:
         ensure_finetuned(fam, task)  # an import is read, not trained: any stage does it
     if not path.is_file():
@@ -76,7 +80,10 @@ def finetuned_state(fam: ModelFamily, task: str) -> dict[str, torch.Tensor]:
     if origin is not None and origin != fam.fingerprint:
         raise CheckpointError(f"checkpoint {path} was fine-tuned from another pretrained model (fingerprint "
                               f"{origin}, this run's is {fam.fingerprint}): its task vector would be meaningless")
-    return fam.to_merge_space(stored)
+    state = fam.to_merge_space(stored)
+    if state is stored:  # lazy: holds no tensors, cheap to keep
+        opened[path] = state
+    return state
 
 
 def seconds_per_step(fam: ModelFamily, task: str) -> float | None:
