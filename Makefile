@@ -1,9 +1,15 @@
 PY ?= python
 
-.PHONY: setup test test-fast run tiny-pretrain bench-quick bench-merge bench-finetune bench-tiny bench-tiny-2024 bench-tiny-data bench-data bench-memory bench-vit-b32 bench-vit-b32-imported bench-vit-l14 bench-flan-t5 lint
+.PHONY: setup data test test-fast run tiny-pretrain paper-tiny bench-quick bench-merge bench-finetune bench-tiny bench-tiny-2024 bench-tiny-data bench-data bench-memory bench-vit-b32 bench-vit-b32-imported bench-vit-l14 bench-flan-t5 lint
 
 setup:          ## install fusion_bench and everything it needs (torch 2.14.1 CPU/CUDA wheel from the pin)
 	$(PY) -m pip install -e '.[dev]'
+
+ROOT ?= ~/data
+DATA ?= eight_tasks glue
+
+data:           ## fetch the eight image tasks and GLUE into ROOT (paths.data_root) in the layouts the loaders read; resumable
+	for b in $(DATA); do $(PY) -m fusion_bench.data.prepare $$b --root $(ROOT) || exit $$?; done
 
 test:           ## the whole test suite (< 15 min on 2 cores)
 	$(PY) -m pytest -q
@@ -49,6 +55,30 @@ MODES_DATA ?= standard,attention
 bench-tiny-data: ## RegMean, Fisher merging, AdaMerging (++) on tiny_eight; LoraHub on the l_lora and lora fine-tunes
 	$(PY) run.py -m finetune=$(MODES_DATA) method=$(METHODS_DATA)
 	$(PY) run.py -m finetune=l_lora,lora ++finetune.task_vector=adapters method=lorahub
+
+# ---- every experiment of the seed papers on tiny_eight, then one report (README "The seed papers' experiments")
+PAPER_STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
+PAPER_DIR ?= outputs/paper_tiny/$(PAPER_STAMP)
+PAPER_PAIR ?= [textures,orientation]
+PAPER_FT_MODES ?= standard,linear,attention,linear_layers,lora
+PAPER_ARGS ?=   # overrides for every run, e.g. a smoke test: "taskpool.tasks=[colors,position] model.train.steps=4"
+ANALYZE = $(PY) run.py -m stage=analyze $(PAPER_ARGS)
+
+paper-tiny:     ## negation, kernel, heads, loss landscape, pairwise, cosine, disentanglement, num_tasks on tiny_eight + paper_report.md (CPU, hours)
+	$(PY) run.py -m stage=finetune finetune=$(PAPER_FT_MODES) $(PAPER_ARGS)
+	$(PY) run.py -m stage=finetune finetune=standard finetune.train_head=true $(PAPER_ARGS)
+	$(ANALYZE) analysis=negation finetune=standard hydra.sweep.dir=$(PAPER_DIR)/negation
+	$(ANALYZE) analysis=kernel finetune=standard,attention,linear_layers,lora hydra.sweep.dir=$(PAPER_DIR)/kernel
+	$(ANALYZE) analysis=heads finetune=standard "analysis.tasks=$(PAPER_PAIR)" hydra.sweep.dir=$(PAPER_DIR)/heads
+	$(ANALYZE) analysis=loss_landscape finetune=standard,linear,attention "analysis.tasks=$(PAPER_PAIR)" \
+	    hydra.sweep.dir=$(PAPER_DIR)/loss_landscape
+	$(ANALYZE) analysis=pairwise finetune=standard method=task_arithmetic,ties hydra.sweep.dir=$(PAPER_DIR)/pairwise
+	$(ANALYZE) analysis=cosine finetune=standard,linear,attention hydra.sweep.dir=$(PAPER_DIR)/cosine
+	$(ANALYZE) analysis=disentanglement finetune=standard,linear,attention "analysis.tasks=$(PAPER_PAIR)" \
+	    hydra.sweep.dir=$(PAPER_DIR)/disentanglement
+	$(ANALYZE) analysis=num_tasks finetune=standard,linear,attention method=task_arithmetic \
+	    hydra.sweep.dir=$(PAPER_DIR)/num_tasks
+	$(PY) -m fusion_bench.reporting.paper_report $(PAPER_DIR)
 
 bench-data:     ## statistics and AdaMerging step cost on ViT-B/32 (random weights, 224 px images; CPU or GPU)
 	$(PY) -m fusion_bench.benchmarks.data_methods

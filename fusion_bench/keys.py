@@ -15,7 +15,8 @@ enters as the literal `${paths.data_root}` and two copies of the data share one 
 
 Not in the fine-tune key, on purpose: the trainer (device, precision, ranks). A fine-tune made on a GPU in
 bf16 must be usable by `stage=evaluate` on another machine; the trainer it was made with is recorded in the
-checkpoint's metadata instead.
+checkpoint's metadata instead. Nor the task pool's `control` task (task negation only evaluates it), nor
+`finetune.train_head` while it is off (OFF_BY_DEFAULT: stores made before the option existed stay valid).
 """
 
 from __future__ import annotations
@@ -33,8 +34,11 @@ HOW_NOT_WHAT = {
     # model.pretrained / hf_id say where the weights are read from; what they are enters as the fingerprint
     "model": ("eval_batch_size", "train.checkpoint_every", "max_new_tokens", "download", "cache_dir", "pretrained",
               "hf_id"),
-    "taskpool": ("tasks", "num_workers", "cache_eval"),
+    "taskpool": ("tasks", "num_workers", "cache_eval", "control"),  # control: evaluated only (task negation)
 }
+#: finetune.* options added after fine-tunes were stored: while off they are left out of every key, so stores and
+#: cached accuracies made before the option existed stay valid (on, they count like any other option)
+OFF_BY_DEFAULT = ("train_head",)
 
 
 def resolved(node) -> dict:
@@ -60,6 +64,11 @@ def pool_fields(pool_cfg) -> dict:
     return _without(resolved(pool_cfg), HOW_NOT_WHAT["taskpool"])
 
 
+def without_off_options(finetune: dict) -> dict:
+    """finetune.* options without those of OFF_BY_DEFAULT that are off."""
+    return {k: v for k, v in finetune.items() if not (k in OFF_BY_DEFAULT and not v)}
+
+
 def finetune_fields(cfg: DictConfig, trained: dict, fingerprint: str, **extra) -> dict:
     """The fields that decide a fine-tune's weights (hashed by the store): `trained` is the trained part of
     finetune.* (the model family's `training_config`)."""
@@ -75,7 +84,7 @@ def imported_fields(source, fingerprint: str) -> dict:
 def reference_key(cfg: DictConfig, evaluation: dict, **extra) -> str:
     """What reference accuracies depend on besides their fine-tune: the task pool, every finetune.* option and
     how evaluation runs (`evaluation`: device, precision, linearized)."""
-    return config_hash({"pool": pool_fields(cfg.taskpool), "finetune": resolved(cfg.finetune),
+    return config_hash({"pool": pool_fields(cfg.taskpool), "finetune": without_off_options(resolved(cfg.finetune)),
                         "evaluation": evaluation, **extra})
 
 

@@ -17,10 +17,11 @@ from fusion_bench.families import build_family
 from fusion_bench.merging.task_specific import TaskSpecificMerge
 from fusion_bench.reporting.memory import log_memory, release
 from fusion_bench.reporting.report import write_report
-from fusion_bench.stages import coefficients, learn, statistics
+from fusion_bench.stages import coefficients, learn, objective, statistics, task_coefs
 from fusion_bench.stages.evaluate import merged_accuracies, reference_accuracies, trainable_params
+from fusion_bench.stages.export import export_merge
 from fusion_bench.stages.finetune import ensure_finetuned, finetuned_state, seconds_per_step
-from fusion_bench.stages.merge import Method, save_merge
+from fusion_bench.stages.merge import Method
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
     method = coef_cfg = None
     if cfg.stage != "finetune":  # the method's errors, and what it needs that the task pool lacks, before training
         method, coef_cfg = Method(cfg.method, fam.mode, method_name), coefficient_cfg(cfg)
+        method.task_weights = task_coefs.task_weights(cfg.method, tasks)
         if cfg.stage != "analyze":
             statistics.check(fam, method, tasks)
             learn.check(fam, method, coef_cfg, tasks)
@@ -83,8 +85,11 @@ def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
     if learnt is None:
         merged = method(fam.pretrained_state, finetuned, coef)
     log_memory("merge")
+    if cfg.get("objective"):  # a trial of hparams_search=optuna*: scored on val only, no test figures, no export
+        return objective.score_trial(cfg, fam, method, merged, ref, tasks, run_dir, method_name, coef, search)
+    if cfg.stage in ("merge", "all"):  # the merged model in the format output.format names
+        export_merge(fam, method, merged, run_dir, tasks)
     if cfg.stage == "merge":
-        log.info("merged weights written to %s", save_merge(merged, run_dir, tasks))
         return None
     test = merged_accuracies(fam, merged, "test", tasks, lin)
     peak = log_memory("evaluate")

@@ -84,6 +84,11 @@ class CheckpointStore:
         h = config_hash({"model": model, "mode": mode, "task": task, "seed": seed, **hparams})
         return self.root / model / mode / task / f"seed{seed}-{h}.safetensors"
 
+    @staticmethod
+    def head_path(path: Path) -> Path:
+        """Where the head trained with a fine-tune is kept (finetune.train_head): next to it, never merged."""
+        return path.with_name(f"{path.stem}.head.safetensors")
+
     def save(self, path: Path, state: Mapping[str, torch.Tensor], meta: Mapping) -> Path:
         return atomic_save_safetensors(state, path, metadata={"fusion_bench": json.dumps(dict(meta), default=str)})
 

@@ -72,4 +72,5 @@ def test_tall_masks_end_to_end_report_and_file(make_cfg, tmp_path):
         meta = f.metadata()
         assert json.loads(meta["tasks"]) == ["colors", "position"] and len(json.loads(meta["rescalers"])) == 2
         masks = [k for k in f.keys() if k.startswith("masks.")]  # noqa: SIM118
-        assert masks and f.get_tensor(masks[0]).dtype == torch.bool and f.get_tensor(masks[0]).shape[0] == 2
+        assert masks and f.get_tensor(masks[0]).dtype == torch.uint8 and f.get_tensor(masks[0]).shape[0] == 2  # packed
+    assert (tmp_path / "tall" / "task_specific.safetensors").is_file()  # stage=all writes it too

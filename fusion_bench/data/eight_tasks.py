@@ -353,7 +353,8 @@ def find_layout(name: str, data_root: str | Path) -> tuple[Layout, Path]:
         f"task {name!r}: no data set found in {task_root} (paths.data_root={data_root}). Expected one of:\n"
         + "\n".join(f"  - {d}" for d in looked)
         + "\n(a torchvision layout may also use the data root itself as torchvision's root.) Put the data there or "
-        f"point paths.data_root at the folder holding {name}/; nothing is downloaded."
+        f"point paths.data_root at the folder holding {name}/; nothing is downloaded at run time (where a network "
+        f"exists, python -m fusion_bench.data.prepare eight_tasks --root {data_root} --tasks {name} fetches it)."
     )
 
 

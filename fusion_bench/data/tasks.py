@@ -82,6 +82,39 @@ def load_task(taskpool: DictConfig, name: str, mean, std, data_dir: str | Path, 
     raise ValueError(f"unknown task pool source taskpool.source={taskpool.source!r}")
 
 
+CONTROL_SOURCES = ("tiny_control", "imagenet")
+
+
+def load_control(taskpool: DictConfig, mean, std, data_dir: str | Path, image_size=224) -> Task:
+    """The pool's control task (`taskpool.control`): what task negation must not forget. Evaluated only (val and
+    test splits). tiny_control: the tiny CLIP's pretraining images (tiny_control.py); imagenet: ImageNet's val
+    images under `control.data_root` (default taskpool.data_root; imagenet.py)."""
+    ctrl = taskpool.get("control")
+    if not ctrl:
+        raise ValueError(f"taskpool={taskpool.name} has no control task: add `control: {{source: ...}}` (one of "
+                         f"{CONTROL_SOURCES}) to conf/taskpool/{taskpool.name}.yaml")
+    if ctrl.get("source") == "tiny_control":
+        from . import tiny_control
+        from .tiny_eight import to_tensor
+
+        def load(split: str) -> Dataset:
+            images, labels = tiny_control.make_split(split)
+            return TensorDataset(to_tensor(images, mean, std), torch.from_numpy(labels))
+
+        return Task(tiny_control.NAME, list(tiny_control.CLASSNAMES), list(tiny_control.TEMPLATES), load)
+    if ctrl.get("source") == "imagenet":
+        from . import imagenet
+
+        root = ctrl.get("data_root") or taskpool.get("data_root")
+        if root is None:
+            raise ValueError("taskpool.control.data_root is not set (the folder holding imagenet/val/<wnid>/)")
+        cache = Path(data_dir) / "eval_cache" if taskpool.get("cache_eval") else None
+        workers = int(taskpool.get("num_workers", 0))
+        return Task(imagenet.NAME, list(imagenet.CLASSNAMES), list(imagenet.TEMPLATES),
+                    lambda split: imagenet.load_split(root, split, image_size, mean, std, cache, workers))
+    raise ValueError(f"taskpool.control.source={ctrl.get('source')!r}: expected one of {CONTROL_SOURCES}")
+
+
 def _cached_split(root: Path, task: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     from .tiny_eight import make_split
 

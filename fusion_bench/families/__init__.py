@@ -31,4 +31,8 @@ def build_family(cfg: DictConfig, validate: bool = True) -> ModelFamily:
     family = family_class(str(cfg.model.get("family", "clip")))
     if validate:
         family.validate(cfg)
+        if cfg.stage in ("merge", "all"):  # the stages that write the merged model (fusion_bench.export)
+            from fusion_bench.export import check_output
+
+            check_output(family, cfg)
     return family(cfg)

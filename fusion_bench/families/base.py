@@ -8,6 +8,7 @@ differentiate. The stages (fusion_bench.stages) take a family and never look ins
 
 from __future__ import annotations
 
+import copy
 import json
 from functools import cached_property
 from pathlib import Path
@@ -30,7 +31,8 @@ def validate_common(cfg: DictConfig, known: list[str]) -> None:
     if cfg.stage not in STAGES:
         raise ValueError(f"stage={cfg.stage!r}: expected one of {STAGES}")
     if cfg.stage == "analyze" and not cfg.get("analysis"):
-        raise ValueError("stage=analyze needs analysis=cosine|disentanglement|num_tasks")
+        raise ValueError("stage=analyze needs analysis=<name>, one of conf/analysis/: cosine, disentanglement, "
+                         "num_tasks, negation, kernel, heads, loss_landscape, pairwise")
     tasks = list(cfg.taskpool.tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:
@@ -43,6 +45,10 @@ def validate_common(cfg: DictConfig, known: list[str]) -> None:
     k = cfg.method.get("k")  # TIES's fraction (consensus_* count tasks with an integer k, checked by the method)
     if isinstance(k, float) and not 0 < k <= 1:
         raise ValueError(f"method.k={k} must be in (0, 1]")
+    from fusion_bench.stages import objective, task_coefs
+
+    task_coefs.check(cfg)  # method.task_coefs: one per task, for a method that weights each task
+    objective.check(cfg)  # objective (hparams_search=optuna*): a known one, on a stage that evaluates
     eval_device(cfg.trainer)  # trainer=gpu on a machine without CUDA
 
 
@@ -51,6 +57,7 @@ class ModelFamily:
 
     modes: ClassVar[Any] = clip_modes  # build_mode_model / trainable_state / to_merge_space / eval_model
     fast_search: ClassVar[bool] = True  # accuracy is an argmax over head logits: CoefficientGrid applies
+    output_formats: ClassVar[tuple[str, ...]] = ("safetensors",)  # the output.format values (fusion_bench.export)
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
@@ -88,6 +95,17 @@ class ModelFamily:
     def report_extras(self) -> dict:
         return {}
 
+    def pop_trained_head(self, task: str) -> torch.Tensor | None:
+        """The head trained with the fine-tune just made (finetune.train_head), for the store; None: heads frozen."""
+        return None
+
+    def finetune_command(self, task: str) -> str:
+        """The command that makes the fine-tune of `task` this run wants."""
+        cfg = self.cfg
+        head = " finetune.train_head=true" if self.mode_cfg.get("train_head") else ""
+        return (f"python run.py stage=finetune model={cfg.model.name} taskpool={cfg.taskpool.name} "
+                f"taskpool.tasks=[{task}] finetune={self.mode} seed={cfg.seed}{head}")
+
     def eval_key_extras(self) -> dict:
         """Family-specific fields the cached reference accuracies depend on."""
         return {}
@@ -95,6 +113,45 @@ class ModelFamily:
     def accuracies(self, runs: list[tuple[nn.Module, str, str]]) -> list[float]:
         """Accuracy of each (model, task, split)."""
         return [self.acc(*r) for r in runs]
+
+    # ---- what the export stage asks of a family (fusion_bench.export, output.format) --------------------------
+    @classmethod
+    def check_output(cls, cfg: DictConfig, fmt: str, adapters: bool) -> None:
+        """Raise fusion_bench.export.OutputError, before anything trains, when this family cannot write `fmt`
+        (with `adapters`: merged LoRA adapters as a peft folder) for this config."""
+        from fusion_bench.export import OutputError
+
+        if adapters:
+            raise OutputError(f"output.adapters=true: model={cfg.model.name} writes no peft adapter folders")
+
+    def write_merged(self, merged: dict[str, torch.Tensor], fmt: str, out: Path, linearized: bool = False,
+                     adapters: bool = False) -> Path:
+        """The model at merge-space weights `merged` written at `out` (which must not exist) in format `fmt`, one of
+        `output_formats` other than safetensors (the export stage writes that one itself)."""
+        raise NotImplementedError(f"{type(self).__name__} writes no output.format={fmt}")
+
+    def plain_model(self, merged: dict[str, torch.Tensor], linearized: bool = False) -> nn.Module:
+        """The family's own network, without a fine-tuning-mode wrapper, at merge-space weights: LoRA adapters are
+        folded into W0 + (alpha/r) B A (over the base the adapters were trained on), exactly what evaluation
+        computes. What the export formats write; a linearized model has no such network."""
+        from fusion_bench.export import OutputError
+        from fusion_bench.models.lora import merged_weights
+
+        if linearized or self.mode == "linear":
+            raise OutputError(f"finetune={self.mode}{' (evaluated linearized)' if linearized else ''}: a linearized "
+                              "model f(x; theta_0) + J (theta - theta_0) is no plain network; use output.format="
+                              "safetensors")
+        weights = merged_weights(self.base, merged) if self.merges_adapters else merged
+        module = copy.deepcopy(self.encoder)
+        params = dict(module.named_parameters())
+        unknown = sorted(set(weights) - set(params))
+        if unknown:
+            raise KeyError(f"{type(self.encoder).__name__} has no parameters {unknown[:5]} (merge of finetune="
+                           f"{self.mode})")
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value.to(params[name].dtype))
+        return module.requires_grad_(False).eval()
 
     # ---- what statistics and coefficient learning ask of a family (fusion_bench.stages) -------------------
     fisher_targets: ClassVar[tuple[str, ...]] = ("sample", "label")

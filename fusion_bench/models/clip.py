@@ -357,12 +357,17 @@ def head_logits(features: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
 
 
 class ImageClassifier(nn.Module):
-    """An image encoder followed by a frozen zero-shot head; logits = head @ normalise(encoder(x)), in fp32."""
+    """An image encoder followed by a head; logits = head @ normalise(encoder(x)), in fp32. A tensor head is a
+    frozen copy (the zero-shot head); an `nn.Parameter` head is registered as it is and trains with the encoder
+    (finetune.train_head: the caller keeps the parameter and reads the trained head from it)."""
 
     def __init__(self, encoder: nn.Module, head: torch.Tensor):
         super().__init__()
         self.encoder = encoder
-        self.register_buffer("head", head.detach().clone(), persistent=False)
+        if isinstance(head, nn.Parameter):
+            self.head = head
+        else:
+            self.register_buffer("head", head.detach().clone(), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return head_logits(self.encoder(images), self.head)

@@ -32,6 +32,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from fusion_bench.keys import without_off_options
 from fusion_bench.models.linearize import LinearizedModel
 from fusion_bench.models.lora import LinearizedLoRA, LoRAEncoder, add_lora, merged_weights
 
@@ -103,8 +104,9 @@ def training_config(finetune_cfg: DictConfig) -> dict:
     """The part of finetune.* that decides the trained weights (the checkpoint store's key): a post-hoc
     linearized fine-tune *is* a standard one, and LoRA's task_vector option only changes the merge space."""
     if finetune_cfg.mode == "linear" and finetune_cfg.get("posthoc", False):
-        return {"mode": "standard"}
-    return {k: v for k, v in OmegaConf.to_container(finetune_cfg, resolve=True).items() if k not in EVALUATION_ONLY}
+        return {"mode": "standard", **({"train_head": True} if finetune_cfg.get("train_head") else {})}
+    options = without_off_options(OmegaConf.to_container(finetune_cfg, resolve=True))
+    return {k: v for k, v in options.items() if k not in EVALUATION_ONLY}
 
 
 def build_mode_model(finetune_cfg: DictConfig, encoder: nn.Module) -> nn.Module:
@@ -208,3 +210,25 @@ def reload(module: nn.Module, merged: dict[str, torch.Tensor], *, finetune_cfg: 
     if finetune_cfg.mode == "l_lora" and not linearized:
         merged = merged_weights(base, merged)
     return _copy_into(module, merged)
+
+
+POSTHOC_MODES = ("standard", "attention", "linear_layers", "lora")
+
+
+def check_posthoc_mode(finetune_cfg: DictConfig) -> str:
+    mode = _check_mode(finetune_cfg)
+    if mode not in POSTHOC_MODES or finetune_cfg.get("posthoc", False):
+        raise ValueError(f"finetune={mode} is evaluated linearized already (f = f_lin): post-hoc linearization "
+                         f"compares a non-linear fine-tune with its linearization; use finetune= one of {POSTHOC_MODES}")
+    return mode
+
+
+def posthoc_linearized(finetune_cfg: DictConfig, encoder: nn.Module) -> LinearizedModel:
+    """The mode model linearized around theta_0 in exactly the parameters the mode trains (analysis=kernel):
+    f(x; theta_0) + J (theta - theta_0) with theta the store's keys (the encoder's weights for standard,
+    attention and linear_layers; LoRA's adapters for lora, linearized around their shared init phi_0). Load a
+    stored fine-tune into it with `load_trainable`; at theta_0 it is the plain encoder."""
+    mode = check_posthoc_mode(finetune_cfg)
+    if mode == "lora":
+        return LinearizedLoRA(add_lora(copy.deepcopy(encoder), finetune_cfg)).train()
+    return LinearizedModel(build_mode_model(finetune_cfg, encoder)).train()

@@ -47,7 +47,7 @@ def print_table(report: dict) -> None:
     Console().print(table)
 
 
-def _fresh(path: Path) -> Path:
+def fresh_path(path: Path) -> Path:
     """Never overwrite an earlier run's output: report.json -> report-1.json, ... if taken."""
     i, p = 0, path
     while p.exists():
@@ -58,7 +58,7 @@ def _fresh(path: Path) -> Path:
 
 def write_report(report: dict, run_dir: Path) -> Path:
     run_dir = Path(run_dir)
-    out = atomic_write_text(_fresh(run_dir / "report.json"), json.dumps(report, indent=2))
+    out = atomic_write_text(fresh_path(run_dir / "report.json"), json.dumps(report, indent=2))
     atomic_write_text(out.with_suffix(".md"), markdown(report))
     print_table(report)
     return out

@@ -56,9 +56,12 @@ def rows(reports: list[dict]) -> list[dict]:
 
 def summarize(root: str | Path) -> Path | None:
     root = Path(root)
+    from fusion_bench.reporting.pairwise_summary import summarize_pairwise
+
+    summarize_pairwise(root)  # analysis=pairwise runs below root: one scatter over the sweep's methods
     reports = load_reports(root)
     if not reports:
-        log.warning("no report.json under %s", root)
+        log.info("no report.json under %s (a sweep of analyses writes none)", root)
         return None
     table = rows(reports)
     columns = list(dict.fromkeys(k for row in table for k in row))
@@ -114,6 +117,10 @@ def _search_plots(reports: list[dict], root: Path) -> None:
 
 class SummaryCallback(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
+        if config.get("objective"):  # hparams_search=optuna*: the best trial alone is evaluated on test first
+            from fusion_bench.hparams.best_trial import report_best_trial
+
+            report_best_trial(config)
         summarize(config.hydra.sweep.dir)
 
 

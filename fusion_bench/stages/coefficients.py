@@ -17,12 +17,15 @@ from fusion_bench.stages.merge import Method
 log = logging.getLogger(__name__)
 
 
-def search_scaling_coef(fam: ModelFamily, method: Method, finetuned: list[dict], ref: dict[str, dict]
-                        ) -> tuple[float, dict[float, float]]:
-    """The grid point with the best average normalized val accuracy (the first of equals), and every score."""
-    scores = {c: normalized_mean(val, ref, "val") for c, val in zip(GRID, grid_accuracies(fam, method, finetuned, GRID))}
+def search_scaling_coef(fam: ModelFamily, method: Method, finetuned: list[dict], ref: dict[str, dict],
+                        tasks: list[str] | None = None) -> tuple[float, dict[float, float]]:
+    """The grid point with the best average normalized val accuracy (the first of equals), and every score.
+    `tasks`: what `finetuned` are the fine-tunes of (default: the pool's tasks)."""
+    val = grid_accuracies(fam, method, finetuned, GRID, "val", tasks)
+    scores = {c: normalized_mean(acc, ref, "val") for c, acc in zip(GRID, val)}
     for c, score in scores.items():
-        log.info("scaling_coef %.2f: val normalized accuracy %.4f", c, score)
+        log.log(logging.INFO if tasks is None else logging.DEBUG, "scaling_coef %.2f: val normalized accuracy %.4f",
+                c, score)
     return max(scores, key=scores.get), scores
 
 

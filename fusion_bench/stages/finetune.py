@@ -54,6 +54,9 @@ def _make(fam: ModelFamily, task: str, path: Path) -> Path:
     meta = {"task": task, "mode": fam.mode, "model": cfg.model.name, "pretrained": fam.fingerprint,
             "seed": cfg.seed, "seconds_per_step": round(sec, 4),
             "trainer": {k: str(cfg.trainer.get(k)) for k in ("accelerator", "devices", "precision")}}
+    head = fam.pop_trained_head(task)
+    if head is not None:  # written first: a fine-tune in the store always has its head
+        fam.store.save(fam.store.head_path(path), {"head": head.cpu().float()}, {**meta, "head_of": path.name})
     fam.store.save(path, fam.trainable_state(module.cpu()), meta)
     cleanup(work_dir)
     log.info("fine-tuned %s in %.3f s/step -> %s", task, sec, path)
@@ -67,23 +70,29 @@ def finetuned_state(fam: ModelFamily, task: str) -> dict[str, torch.Tensor]:
     opened = fam.__dict__.setdefault("_opened_finetunes", {})
     if path in opened:
         return opened[path]
+    stored = stored_trainable(fam, task)
+    state = fam.to_merge_space(stored)
+    if state is stored:  # lazy: holds no tensors, cheap to keep
+        opened[path] = state
+    return state
+
+
+def stored_trainable(fam: ModelFamily, task: str):
+    """The fine-tune of `task` as the store keeps it (the mode's trainable parameters, e.g. LoRA's adapters), read
+    tensor by tensor and checked; `finetuned_state` turns it into merge space."""
+    path = fam.checkpoint(task)
     if not path.is_file() and fam.imported(task) is not None:
         ensure_finetuned(fam, task)  # an import is read, not trained: any stage does it
     if not path.is_file():
-        cfg = fam.cfg
         raise MissingFinetuneError(
-            f"missing fine-tune for task {task!r} (mode {fam.mode}, seed {cfg.seed}): {path}\n"
-            f"make it with: python run.py stage=finetune model={cfg.model.name} taskpool={cfg.taskpool.name} "
-            f"taskpool.tasks=[{task}] finetune={fam.mode} seed={cfg.seed}")
+            f"missing fine-tune for task {task!r} (mode {fam.mode}, seed {fam.cfg.seed}): {path}\n"
+            f"make it with: {fam.finetune_command(task)}")
     stored = fam.store.open(path, expected=fam.pretrained_trainable)  # read tensor by tensor, when needed
     origin = fam.checkpoint_meta(task).get("pretrained")
     if origin is not None and origin != fam.fingerprint:
         raise CheckpointError(f"checkpoint {path} was fine-tuned from another pretrained model (fingerprint "
                               f"{origin}, this run's is {fam.fingerprint}): its task vector would be meaningless")
-    state = fam.to_merge_space(stored)
-    if state is stored:  # lazy: holds no tensors, cheap to keep
-        opened[path] = state
-    return state
+    return stored
 
 
 def seconds_per_step(fam: ModelFamily, task: str) -> float | None:

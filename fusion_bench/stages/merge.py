@@ -4,23 +4,25 @@ and the merged weights written into the run directory."""
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from safetensors.torch import save_file
 
 from fusion_bench.evaluation.search import affine_in_coef
+from fusion_bench.export.files import new_file
+from fusion_bench.export.task_specific import write_task_specific
 from fusion_bench.merging.task_specific import TaskSpecificMerge
-from fusion_bench.store import atomic_save_safetensors
+from fusion_bench.stages.task_coefs import scaled
 
 
 class Method:
     """`method=<name>`: the merging function with its YAML's hyper-parameters, and what it asks of the pipeline
     (function attributes: requires_mode, evaluate_linearized, affine_in_scaling_coef)."""
 
-    PIPELINE_KEYS = ("statistics", "coefficients")  # read by the stages, not passed to the function
+    PIPELINE_KEYS = ("statistics", "coefficients", "task_coefs")  # read by the stages, not passed to the function
 
     def __init__(self, method_cfg: DictConfig, mode: str, name: str | None = None):
         self.cfg = method_cfg
@@ -32,6 +34,7 @@ class Method:
         self.name = name or self.func.__name__
         self.chosen: dict = {}  # hyper-parameters picked on val (TALL lambdas), given to every merge
         self.inputs: dict = {}  # what the stages computed for every merge (per-task statistics)
+        self.task_weights: list[float] | None = None  # method.task_coefs in task order (stages/task_coefs.py)
 
     @property
     def evaluate_linearized(self) -> bool:
@@ -50,18 +53,15 @@ class Method:
                  ) -> dict[str, torch.Tensor] | TaskSpecificMerge:
         """The merge; `hp` overrides the YAML's hyper-parameters (and the ones chosen on val)."""
         if self.takes_coef:
-            hp["scaling_coef"] = scaling_coef
+            hp["scaling_coef"] = scaled(scaling_coef, self.task_weights)
         return self.fn(pretrained, finetuned, **{**self.inputs, **self.chosen, **hp})
 
 
 def save_merge(merged: dict | TaskSpecificMerge, run_dir: Path, tasks: list[str]) -> Path:
-    """merged.safetensors; a task-specific merge as task_specific.safetensors: `shared.<key>` (fp32),
-    `masks.<key>` (bool, one row per task) and the metadata `tasks` and `rescalers` (JSON lists), so that task t's
-    weights are theta_0 + rescalers[t] * masks.<key>[t] * shared.<key> (keys without a mask: theta_0)."""
-    if not isinstance(merged, TaskSpecificMerge):
-        return atomic_save_safetensors(merged, run_dir / "merged.safetensors")
-    tensors = {**{f"shared.{k}": v for k, v in merged.shared.items()},
-               **{f"masks.{k}": m for k, m in merged.masks.items()}}
-    meta = {"tasks": json.dumps(tasks), "rescalers": json.dumps(merged.rescalers), "method": merged.method,
-            "format": "theta_t = theta_0 + rescalers[t] * masks.<key>[t] * shared.<key>"}
-    return atomic_save_safetensors(tensors, run_dir / "task_specific.safetensors", metadata=meta)
+    """merged.safetensors (merge-space names); a task-specific merge as task_specific.safetensors: shared weights,
+    bit-packed per-task masks and rescalers (fusion_bench.export.task_specific, whose `load_task_weights` gives
+    task t's weights back). Neither overwrites an existing file."""
+    if isinstance(merged, TaskSpecificMerge):
+        return write_task_specific(merged, run_dir / "task_specific.safetensors", tasks)
+    state = {k: v.detach().contiguous() for k, v in merged.items()}
+    return new_file(run_dir / "merged.safetensors", lambda tmp: save_file(state, tmp))

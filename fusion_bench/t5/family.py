@@ -40,6 +40,7 @@ class T5Family(ModelFamily):
     modes = t5_modes
     ddp = False  # generation-based evaluation runs in one process (trainer=ddp still fine-tunes on every rank)
     fast_search = False  # scores of generated text: the search merges and evaluates at each coefficient
+    output_formats = ("safetensors", "transformers")
 
     @classmethod
     def validate(cls, cfg: DictConfig) -> None:
@@ -48,6 +49,9 @@ class T5Family(ModelFamily):
                              f"(got taskpool={cfg.taskpool.name})")
         if cfg.get("finetuned_from"):
             raise ValueError("finetuned_from imports CLIP image encoders; for T5, fine-tune with stage=finetune")
+        if cfg.finetune.get("train_head"):
+            raise ValueError("finetune.train_head=true trains an image classifier's head; T5 generates its answers "
+                             "as text and has no head: set finetune.train_head=false")
         if cfg.finetune.mode not in MODES:
             raise ValueError(f"finetune={cfg.finetune.mode} is not available for T5; use one of {MODES}")
         if eval_device(cfg.trainer)[1] is torch.float16:
@@ -57,6 +61,21 @@ class T5Family(ModelFamily):
         if cfg.stage == "analyze" and cfg.analysis.kind not in ("cosine", "num_tasks"):
             raise ValueError(f"analysis={cfg.analysis.kind} compares image-classifier predictions; for T5 use "
                              f"analysis=cosine or analysis=num_tasks")
+
+    @classmethod
+    def check_output(cls, cfg: DictConfig, fmt: str, adapters: bool) -> None:
+        """Every T5 merge has a transformers form; adapters (checked by fusion_bench.export) a peft one."""
+
+    def write_merged(self, merged: dict[str, torch.Tensor], fmt: str, out: Path, linearized: bool = False,
+                     adapters: bool = False) -> Path:
+        """T5ForConditionalGeneration + tokenizer, or with `adapters` a peft adapter folder (fusion_bench.export.t5)."""
+        from fusion_bench.export.t5 import write_peft_adapter, write_t5
+
+        if fmt != "transformers":
+            return super().write_merged(merged, fmt, out, linearized, adapters)
+        if adapters:
+            return write_peft_adapter(self.backbone.t5, self.mode_cfg, merged, self.pretrained_trainable, out)
+        return write_t5(self.plain_model(merged, linearized).t5, self.tokenizer, out)
 
     def report_extras(self) -> dict:
         return {"metrics": {t: "spearman" if glue.TASKS[t].targets is None else "exact_match" for t in self.tasks}}

@@ -198,7 +198,8 @@ def read_split(task: str, data_root: str | Path, split: str) -> list[Example]:
             f"GLUE {task}: {path} not found. Expected {folder}/train.tsv and {folder}/{TASKS[task].dev_file} "
             f"(the official GLUE download, e.g. download_glue_data.py), a datasets.save_to_disk copy there or the "
             f"Hub's parquet files ({folder.parent / task}/train-*.parquet); set paths.data_root (taskpool.data_root) "
-            f"to the folder that contains glue/")
+            f"to the folder that contains glue/, or fetch it: python -m fusion_bench.data.prepare glue --root "
+            f"{Path(data_root).expanduser()} --tasks {task}")
     return read_tsv(task, path)
 
 
