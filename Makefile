@@ -1,6 +1,6 @@
 PY ?= python
 
-.PHONY: setup data test test-fast run tiny-pretrain paper-tiny bench-quick bench-merge bench-finetune bench-tiny bench-tiny-2024 bench-tiny-data bench-data bench-memory bench-vit-b32 bench-vit-b32-imported bench-vit-l14 bench-flan-t5 lint
+.PHONY: setup data test test-fast run tiny-pretrain paper-tiny bench-quick bench-merge bench-finetune bench-calibrate bench-tiny bench-tiny-2024 bench-tiny-data bench-data bench-memory bench-vit-b32 bench-vit-b32-imported bench-vit-l14 bench-flan-t5 lint
 
 setup:          ## install fusion_bench and everything it needs (torch 2.14.1 CPU/CUDA wheel from the pin)
 	$(PY) -m pip install -e '.[dev]'
@@ -40,6 +40,9 @@ SWEEP = -m finetune=$(MODES) method=$(METHODS) method.scaling_coef=search
 
 METHODS_2024 ?= tsv_merging,iso_c,iso_cts,wudi,consensus_ta,consensus_ties,tall_masks,emr,breadcrumbs,magmax,model_stock
 MODES_2024 ?= standard,attention
+
+bench-calibrate: ## the tiny benchmark's calibration probe: zero-shot, individual, WA / TA / TIES for one recipe (CAL_ARGS="--lr 2e-4")
+	$(PY) -m fusion_bench.benchmarks.calibrate $(CAL_ARGS)
 
 bench-tiny:     ## every mode x every method on tiny_eight, then the 2024-2026 methods and those that look at data (CPU)
 	$(PY) run.py $(SWEEP)

@@ -73,7 +73,7 @@ def test_bf16_mixed_run_end_to_end(make_cfg, tmp_path):
     from fusion_bench.pipeline import run
 
     cfg = make_cfg("finetune=linear", "trainer.precision=bf16-mixed", "taskpool.tasks=[digits,textures]",
-                   "method.scaling_coef=0.3", "model.train.steps=12", "model.train.warmup_steps=2",
+                   "method.scaling_coef=0.3", "model.train.steps=12", "model.train.warmup_steps=2", "model.train.lr=1e-3",
                    "model.train.batch_size=32", "model.train.checkpoint_every=6", "eval_precision=null")
     assert build_family(cfg).eval_where["autocast"] == torch.bfloat16  # eval_precision=null: the trainer's
     default = build_family(make_cfg("trainer.precision=bf16-mixed"))
