@@ -29,7 +29,14 @@ from safetensors.torch import load_file
 from fusion_bench.data import tiny_eight
 from fusion_bench.finetune.module import cosine_with_warmup
 from fusion_bench.merging.ties import ties_merging
-from fusion_bench.models.clip import TINY_CHECKPOINT, create_clip, head_logits, image_norm, zero_shot_head
+from fusion_bench.models.clip import (
+    TINY_CHECKPOINT,
+    _QuietRandomInit,
+    create_clip,
+    head_logits,
+    image_norm,
+    zero_shot_head,
+)
 from fusion_bench.store import atomic_write
 
 GRID = [round(0.05 * i, 2) for i in range(21)]
@@ -47,7 +54,8 @@ def _trainable(mode: str, name: str) -> bool:
 
 class Probe:
     def __init__(self, pretrained: Path, tasks: list[str]):
-        model = create_clip("tiny-clip")
+        with _QuietRandomInit():  # the weights are loaded right below
+            model = create_clip("tiny-clip")
         model.load_state_dict({k: v.float() for k, v in load_file(pretrained).items()}, strict=False)
         model.eval()
         tok = open_clip.get_tokenizer("tiny-clip")
@@ -133,9 +141,9 @@ def main() -> None:
         return float(np.mean([accs[t] / max(ind[split][t], 1e-9) for t in tasks]))
 
     def searched(build, grid):
-        score, coef = max(((normalized(evaluate(build(c), "val"), "val"), -c) for c in grid))  # ties: smaller c
-        test = evaluate(build(-coef), "test")
-        return {"coef": -coef, "test": _mean(test), "normalized": normalized(test, "test"), "per_task": test}
+        _, neg = max((normalized(evaluate(build(c), "val"), "val"), -c) for c in grid)  # a tie: the smaller c
+        test = evaluate(build(-neg), "test")
+        return {"coef": -neg, "test": _mean(test), "normalized": normalized(test, "test"), "per_task": test}
 
     keys = [k for k in theta0 if theta0[k].is_floating_point()]
     taus = [{k: ft[k] - theta0[k] for k in keys} for ft in fts]
@@ -159,12 +167,11 @@ def main() -> None:
         "weight_average": {"test": _mean(wa), "normalized": normalized(wa, "test"), "per_task": wa},
         "task_arithmetic": searched(ta, GRID), "ties": searched(ties, GRID), "ties_0_2": searched(ties, WIDE_GRID),
     }
-    line = (f"zero-shot {_mean(out['zero_shot']):.1f}  individual {_mean(out['individual']):.1f}  "
-            f"||tau||/||theta0|| {np.mean(out['tau_relative_norm']):.3f}  | " + "  ".join(
-                f"{m} {out[m]['test']:.1f} ({out[m]['normalized']:.3f})" + (f" @{out[m]['coef']}" if "coef" in out[m]
-                                                                            else "")
-                for m in ("weight_average", "task_arithmetic", "ties", "ties_0_2")))
-    print(line)  # noqa: T201 - a command-line tool
+    merges = [f"{m} {out[m]['test']:.1f} ({out[m]['normalized']:.3f})" + (f" @{out[m]['coef']}" if "coef" in out[m]
+                                                                         else "")
+              for m in ("weight_average", "task_arithmetic", "ties", "ties_0_2")]
+    print(f"zero-shot {_mean(out['zero_shot']):.1f}  individual {_mean(out['individual']):.1f}  "
+          f"||tau||/||theta0|| {np.mean(out['tau_relative_norm']):.3f}  | " + "  ".join(merges))
     if a.json:
         atomic_write(a.json, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1)))
 

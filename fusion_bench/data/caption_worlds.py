@@ -21,15 +21,13 @@ from collections.abc import Callable
 import numpy as np
 
 from .tiny_images import (
-    COLORS,
-    ORIENTATIONS,
-    POSITIONS,
-    SCENES,
-    SHAPES,
-    SIZE,
-    TEXTURES,
     _XX,
     _YY,
+    COLORS,
+    ORIENTATIONS,
+    SCENES,
+    SIZE,
+    TEXTURES,
     _background,
     _finish,
     _jitter,
