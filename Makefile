@@ -41,7 +41,7 @@ SWEEP = -m finetune=$(MODES) method=$(METHODS) method.scaling_coef=search
 METHODS_2024 ?= tsv_merging,iso_c,iso_cts,wudi,consensus_ta,consensus_ties,tall_masks,emr,breadcrumbs,magmax,model_stock
 MODES_2024 ?= standard,attention
 
-bench-calibrate: ## the tiny benchmark's calibration probe: zero-shot, individual, WA / TA / TIES for one recipe (CAL_ARGS="--lr 2e-4")
+bench-calibrate: ## the tiny benchmark's calibration probe: zero-shot, individual, WA / TA / TIES for one recipe (CAL_ARGS="--lr 1e-3"; default: the tiny_clip recipe)
 	$(PY) -m fusion_bench.benchmarks.calibrate $(CAL_ARGS)
 
 bench-tiny:     ## every mode x every method on tiny_eight, then the 2024-2026 methods and those that look at data (CPU)

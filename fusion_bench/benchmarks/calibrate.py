@@ -1,12 +1,12 @@
 """Calibration probe for the tiny benchmark (`make bench-calibrate`, README "Calibrating the tiny benchmark").
 
-One process fine-tunes the tiny CLIP on the eight tiny_eight tasks with a plain AdamW loop (the recipe of
+One process fine-tunes the tiny CLIP on the eight tiny_eight tasks with a plain AdamW loop (by default the recipe of
 `conf/model/tiny_clip.yaml`: cosine schedule with warmup, frozen zero-shot heads; its own batch order, so its
 figures are close to, not equal to, `python run.py`'s), then reports zero-shot, individual, weight averaging,
 task arithmetic and TIES (coefficients on val over 0.00..1.00, TIES also over 0.0..2.0), ||tau|| / ||theta_0||
 and the mean cosine between task vectors. Fine-tunes are cached in --cache by recipe, so a rerun only re-merges.
 
-    python -m fusion_bench.benchmarks.calibrate --lr 2e-4
+    python -m fusion_bench.benchmarks.calibrate --lr 1e-3     # the recipe of conf/model/tiny_clip.yaml, but lr 1e-3
     python -m fusion_bench.models.tiny_pretrain --world synonyms --steps 2000 --pairs 40000 --threads 1 --out W.safetensors
     python -m fusion_bench.benchmarks.calibrate --pretrained W.safetensors --lr 3e-4
 """
@@ -24,6 +24,7 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from fusion_bench.data import tiny_eight
@@ -105,13 +106,14 @@ def _mean(d: dict) -> float:
 
 
 def main() -> None:
+    train = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "model" / "tiny_clip.yaml").train
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained", type=Path, default=TINY_CHECKPOINT)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--warmup", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=float(train.lr), help="default: conf/model/tiny_clip.yaml")
+    p.add_argument("--weight-decay", type=float, default=float(train.weight_decay))
+    p.add_argument("--steps", type=int, default=int(train.steps))
+    p.add_argument("--warmup", type=int, default=int(train.warmup_steps))
+    p.add_argument("--batch-size", type=int, default=int(train.batch_size))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mode", default="standard")
     p.add_argument("--threads", type=int, default=2)
