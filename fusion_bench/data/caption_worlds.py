@@ -33,7 +33,9 @@ from .tiny_images import (
     _jitter,
     _paint,
     caption_sample,
+    line_mask,
     shape_mask,
+    texture_mask,
 )
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -71,20 +73,8 @@ def _pick(rng: np.random.Generator, forms: list[str]) -> str:
 def _texture(rng, synonyms: bool):
     kind = TEXTURES[rng.integers(len(TEXTURES))]
     p = rng.uniform(4, 7)
-    ph = rng.uniform(0, p)
-    x, y = _XX + ph, _YY + ph
-    if kind == "horizontal stripes":
-        m = (y % p) < p / 2
-    elif kind == "vertical stripes":
-        m = (x % p) < p / 2
-    elif kind == "diagonal stripes":
-        m = ((x - y) % p) < p / 2  # the other diagonal than the task draws
-    elif kind == "checkerboard":
-        m = ((x // (p / 1.5)) + (y // (p / 1.5))) % 2 == 0
-    elif kind == "polka dots":
-        m = ((x % p) - p / 2) ** 2 + ((y % p) - p / 2) ** 2 < (p / 3.5) ** 2
-    else:
-        m = rng.random((SIZE, SIZE)) < 0.2
+    # the other diagonal than the task draws, smaller dots, sparser speckles
+    m = texture_mask(rng, kind, p, rng.uniform(0, p), diagonal=-1, dot_radius=1 / 3.5, speckle=0.2)
     x0, y0 = rng.uniform(0, 10, 2)
     w, h = rng.uniform(18, 30, 2)
     patch = (_XX >= x0) & (_XX <= x0 + w) & (_YY >= y0) & (_YY <= y0 + h)  # a patch, not the whole image
@@ -121,10 +111,7 @@ def _orientation(rng, synonyms: bool):
     name = ORIENTATIONS[label]
     angle = np.deg2rad(label * 45 + rng.uniform(-8, 8))
     cx, cy = rng.uniform(9, 23, 2)
-    dx, dy = _XX - cx, _YY - cy
-    along = dx * np.cos(angle) - dy * np.sin(angle)
-    across = dx * np.sin(angle) + dy * np.cos(angle)
-    m = (abs(along) <= rng.uniform(5, 8)) & (abs(across) <= 2.6)  # shorter and thicker than the task's lines
+    m = line_mask(cx, cy, angle, rng.uniform(5, 8), 2.6)  # shorter and thicker than the task's lines
     cname = _color_name(rng)
     img = _finish(rng, _paint(_background(rng), m, _jitter(rng, COLORS[cname])))
     word = ORIENTATION_SYNONYMS[name] if synonyms else name

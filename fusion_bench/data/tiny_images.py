@@ -119,23 +119,29 @@ def draw_count(rng, label):
 TEXTURES = ["horizontal stripes", "vertical stripes", "diagonal stripes", "checkerboard", "polka dots", "speckles"]
 
 
+def texture_mask(rng, kind: str, p: float, ph: float, diagonal: int = 1, dot_radius: float = 0.25,
+                 speckle: float = 0.3) -> np.ndarray:
+    """Where a texture of period p (phase ph) is painted; `diagonal` +1 / -1 picks the stripes' direction,
+    `dot_radius` the polka dots' radius as a fraction of p, `speckle` the density of speckles."""
+    x, y = _XX + ph, _YY + ph
+    if kind == "horizontal stripes":
+        return (y % p) < p / 2
+    if kind == "vertical stripes":
+        return (x % p) < p / 2
+    if kind == "diagonal stripes":
+        return ((x + diagonal * y) % p) < p / 2
+    if kind == "checkerboard":
+        return ((x // (p / 1.5)) + (y // (p / 1.5))) % 2 == 0
+    if kind == "polka dots":
+        return ((x % p) - p / 2) ** 2 + ((y % p) - p / 2) ** 2 < (dot_radius * p) ** 2
+    if kind == "speckles":
+        return rng.random((SIZE, SIZE)) < speckle
+    raise KeyError(f"unknown texture {kind!r}; known: {TEXTURES}")
+
+
 def draw_texture(rng, label):
     p = rng.uniform(5, 9)
-    ph = rng.uniform(0, p)
-    x, y = _XX + ph, _YY + ph
-    kind = TEXTURES[label]
-    if kind == "horizontal stripes":
-        m = (y % p) < p / 2
-    elif kind == "vertical stripes":
-        m = (x % p) < p / 2
-    elif kind == "diagonal stripes":
-        m = ((x + y) % p) < p / 2
-    elif kind == "checkerboard":
-        m = ((x // (p / 1.5)) + (y // (p / 1.5))) % 2 == 0
-    elif kind == "polka dots":
-        m = ((x % p) - p / 2) ** 2 + ((y % p) - p / 2) ** 2 < (p / 4) ** 2
-    else:
-        m = rng.random((SIZE, SIZE)) < 0.3
+    m = texture_mask(rng, TEXTURES[label], p, rng.uniform(0, p))
     img = _background(rng)
     return _finish(rng, _paint(img, m, _random_color(rng)))
 
@@ -143,13 +149,18 @@ def draw_texture(rng, label):
 ORIENTATIONS = ["horizontal line", "rising diagonal line", "vertical line", "falling diagonal line"]
 
 
-def draw_orientation(rng, label):
-    angle = np.deg2rad(label * 45 + rng.uniform(-12, 12))
-    cx, cy = rng.uniform(11, 21, 2)
+def line_mask(cx: float, cy: float, angle: float, half_length: float, half_width: float) -> np.ndarray:
+    """A bar through (cx, cy) at `angle` radians (0: horizontal, counter-clockwise on screen)."""
     dx, dy = _XX - cx, _YY - cy
     along = dx * np.cos(angle) - dy * np.sin(angle)
     across = dx * np.sin(angle) + dy * np.cos(angle)
-    m = (abs(along) <= rng.uniform(8, 12)) & (abs(across) <= 1.6)
+    return (abs(along) <= half_length) & (abs(across) <= half_width)
+
+
+def draw_orientation(rng, label):
+    angle = np.deg2rad(label * 45 + rng.uniform(-12, 12))
+    cx, cy = rng.uniform(11, 21, 2)
+    m = line_mask(cx, cy, angle, rng.uniform(8, 12), 1.6)
     return _finish(rng, _paint(_background(rng), m, _random_color(rng)))
 
 
