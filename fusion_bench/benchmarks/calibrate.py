@@ -38,19 +38,12 @@ from fusion_bench.models.clip import (
     image_norm,
     zero_shot_head,
 )
+from fusion_bench.models.modes import block_weight_names
 from fusion_bench.store import atomic_write
 
 GRID = [round(0.05 * i, 2) for i in range(21)]
 WIDE_GRID = [round(0.1 * i, 1) for i in range(21)]
-ATTENTION = ("attn.in_proj_weight", "attn.out_proj.weight")
-
-
-def _trainable(mode: str, name: str) -> bool:
-    if mode == "standard":
-        return True
-    if mode == "attention":
-        return name.endswith(ATTENTION)
-    raise ValueError(f"--mode {mode!r}: standard or attention")
+MODES = ("standard", "attention")
 
 
 class Probe:
@@ -80,7 +73,9 @@ class Probe:
     def finetune(self, task: str, a) -> dict:
         enc = self.encoder
         enc.load_state_dict(self.theta0)
-        params = [p.requires_grad_(_trainable(a.mode, n)) for n, p in enc.named_parameters()]
+        # finetune=attention: the blocks' attention in/out projection weights, as models/modes.py picks them
+        chosen = None if a.mode == "standard" else set(block_weight_names(enc, mlp=False, bias=False))
+        params = [p.requires_grad_(chosen is None or n in chosen) for n, p in enc.named_parameters()]
         opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=a.lr, weight_decay=a.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(a.warmup, a.steps))
         x, y = self.data[task]["train"]
@@ -115,7 +110,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=int(train.warmup_steps))
     p.add_argument("--batch-size", type=int, default=int(train.batch_size))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mode", default="standard")
+    p.add_argument("--mode", default="standard", choices=MODES)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", type=Path, default=Path("outputs/calibrate"))
     p.add_argument("--json", type=Path, default=None)
