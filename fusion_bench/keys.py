@@ -93,7 +93,9 @@ def fingerprint(*states: Mapping[str, torch.Tensor]) -> str:
     h = hashlib.blake2b(digest_size=8)
     for state in states:
         for k in sorted(state):
-            v = state[k].detach().cpu().contiguous()
+            v = state[k].detach().cpu()
             h.update(f"{k}:{v.dtype}:{tuple(v.shape)}".encode())
-            h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+            # hashed from a copy: numpy() on the weight itself would pin its storage's size for good, and
+            # fusion_bench.models.offload.parked frees the pretrained weights by resizing their storages
+            h.update(v.reshape(-1).view(torch.uint8).clone().numpy())
     return h.hexdigest()

@@ -1,6 +1,7 @@
 """A fine-tune interrupted mid-run resumes from its last checkpoint and ends with the same weights."""
 
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,3 +108,27 @@ def test_interrupted_finetune_resumes_to_identical_weights(make_cfg, tmp_path, m
     assert resumed.keys() == reference.keys()
     for k in reference:
         torch.testing.assert_close(resumed[k], reference[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_checkpoint_is_written_to_its_file_atomically_not_through_memory(tmp_path, monkeypatch):
+    """FileCheckpointIO: torch.save straight into a temporary file, renamed over last.ckpt. A save cut short leaves
+    the previous checkpoint whole, and the checkpoint is never serialised into a buffer first (Lightning's own
+    save does that: weights and both AdamW moments, 3.4 GiB more at the peak of a ViT-L/14 fine-tune)."""
+    ckpt_io, path = train.FileCheckpointIO(), tmp_path / "checkpoints" / "last.ckpt"
+    targets, real_save = [], torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: targets.append(f) or real_save(obj, f, *a, **k))
+    ckpt_io.save_checkpoint({"w": torch.arange(4.0), "global_step": 5}, path)
+    assert [isinstance(t, str | Path) for t in targets] == [True]  # a file, not an io.BytesIO
+    assert torch.load(path)["global_step"] == 5
+
+    def cut_short(obj, f, *a, **k):
+        with open(f, "wb") as out:
+            out.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", cut_short)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt_io.save_checkpoint({"w": torch.zeros(4), "global_step": 10}, path)
+    assert torch.load(path)["global_step"] == 5
+    torch.testing.assert_close(torch.load(path)["w"], torch.arange(4.0), rtol=0, atol=0)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no temporary file left behind

@@ -12,12 +12,14 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig
 from torch import nn
 
 from fusion_bench.data.tasks import Task
 from fusion_bench.finetune.module import ClassifierFinetune
 from fusion_bench.models.clip import ImageClassifier
+from fusion_bench.store import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,23 @@ def finetune(module: nn.Module, head: torch.Tensor, task: Task, train_cfg: DictC
     return fit_resumable(lm, train_cfg, trainer_cfg, work_dir, callbacks)
 
 
+class FileCheckpointIO(TorchCheckpointIO):
+    """torch.save straight into a temporary file, then renamed over the checkpoint: atomic like Lightning's own
+    save, which first serialises the whole checkpoint into memory (weights and AdamW's two moments, three times the
+    trainable parameters: 3.4 GiB more at the peak of a ViT-L/14 fine-tune)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+class ResumeCheckpoint(ModelCheckpoint):
+    """last.ckpt every `every_n_train_steps`, to resume an interrupted fine-tune; none when training ends (the
+    fine-tune goes to the store right after, and the checkpoints are deleted)."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        pass
+
+
 def fit_resumable(lm: L.LightningModule, train_cfg: DictConfig, trainer_cfg: DictConfig, work_dir: Path,
                   callbacks: list[Callback] = ()) -> float:
     """trainer.fit for train_cfg.steps steps, resuming from work_dir/checkpoints/last.ckpt if a run was cut short."""
@@ -46,8 +65,9 @@ def fit_resumable(lm: L.LightningModule, train_cfg: DictConfig, trainer_cfg: Dic
         max_steps=train_cfg.steps,
         default_root_dir=str(work_dir),
         logger=[CSVLogger(str(work_dir), name="logs"), TensorBoardLogger(str(work_dir), name="tb")],
-        callbacks=[ModelCheckpoint(dirpath=str(last.parent), every_n_train_steps=train_cfg.checkpoint_every,
-                                   save_last=True, save_top_k=0), RichProgressBar(leave=True), *callbacks],
+        callbacks=[ResumeCheckpoint(dirpath=str(last.parent), every_n_train_steps=train_cfg.checkpoint_every,
+                                    save_last=True, save_top_k=0), RichProgressBar(leave=True), *callbacks],
+        plugins=[FileCheckpointIO()],
         limit_val_batches=0,
         num_sanity_val_steps=0,
         enable_model_summary=False,

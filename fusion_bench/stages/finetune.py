@@ -11,6 +11,7 @@ from filelock import FileLock
 from fusion_bench.families.base import ModelFamily
 from fusion_bench.finetune.train import cleanup
 from fusion_bench.models.imported import import_encoder
+from fusion_bench.models.offload import parked
 from fusion_bench.reporting.memory import release
 from fusion_bench.store import CheckpointError
 
@@ -47,7 +48,8 @@ def _make(fam: ModelFamily, task: str, path: Path) -> Path:
         return path
     module = fam.modes.build_mode_model(fam.mode_cfg, fam.encoder)
     work_dir = path.with_suffix(".partial")
-    sec = fam.train(task, module, work_dir)
+    with parked(fam.encoder, work_dir, keep=module):  # theta_0 waits on disk while its copy trains
+        sec = fam.train(task, module, work_dir)
     for p in module.parameters():  # the gradients, and (collected) the trainer with the optimiser state, go now
         p.grad = None
     release()
