@@ -3,11 +3,12 @@ the text tower freed once the zero-shot heads exist (so the copies do not come b
 
 import gc
 
+import pytest
 import torch
 
 from fusion_bench.families import build_family
 from fusion_bench.stages.evaluate import grid_accuracies
-from fusion_bench.stages.finetune import finetuned_state
+from fusion_bench.stages.finetune import ensure_finetuned, finetuned_state
 from fusion_bench.stages.merge import Method
 
 POOL = ["taskpool.tasks=[shapes,colors,position]", "model.eval_batch_size=64"]
@@ -51,8 +52,15 @@ def test_search_holds_a_fixed_number_of_encoder_copies(make_cfg, monkeypatch):
     real = search.CoefficientGrid.logits
     monkeypatch.setattr(search.CoefficientGrid, "logits",
                         lambda self, x, head: seen.append(_live_copies(probe, per_copy)) or real(self, x, head))
+    from fusion_bench.models import modes
+
+    writing = []  # while theta(c) is written into the evaluation encoder: one tensor more, not a fourth copy
+    real_copy = modes._copy_into
+    monkeypatch.setattr(modes, "_copy_into",
+                        lambda module, state: writing.append(_live_copies(probe, per_copy)) or real_copy(module, state))
     grid_accuracies(fam, method, fts, [0.0, 0.5, 1.0], "val")
     assert seen and max(seen) == 3, seen
+    assert writing and max(writing) <= 3 + 1 / per_copy, max(writing)
 
 
 def test_text_tower_is_freed_once_the_heads_exist(make_cfg):
@@ -62,3 +70,43 @@ def test_text_tower_is_freed_once_the_heads_exist(make_cfg):
     gc.collect()
     texts = [o for o in gc.get_objects() if isinstance(o, torch.nn.Module) and hasattr(o, "token_embedding")]
     assert texts == []  # no CLIP (with its text tower) is alive, only the image encoder
+
+
+def test_parked_weights_free_their_memory_and_come_back_bit_for_bit(tmp_path):
+    from fusion_bench.models.offload import parked
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+    net.register_buffer("scale", torch.randn(4))
+    keep = torch.nn.Linear(16, 4)
+    keep.weight = net[2].weight  # shared with a module that goes on working: stays in memory
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    view = net[0].weight[:3]  # a view of a parked weight (as the family's theta_0 views are)
+    with parked(net, tmp_path, keep=keep) as freed:
+        assert freed == sum(v.numel() * 4 for k, v in before.items() if k != "2.weight")
+        assert net[0].weight.untyped_storage().nbytes() == 0 and net.scale.untyped_storage().nbytes() == 0
+        assert torch.equal(keep.weight, before["2.weight"])
+        assert (tmp_path / "parked.safetensors").is_file()
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert torch.equal(view, before["0.weight"][:3]) and not (tmp_path / "parked.safetensors").exists()
+    with pytest.raises(RuntimeError, match="training failed"), parked(net, tmp_path):
+        raise RuntimeError("training failed")
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # restored on an error too
+
+
+def test_pretrained_encoder_takes_no_memory_while_its_copy_trains(make_cfg, monkeypatch):
+    """During a fine-tune only the training copy holds weights; theta_0 is back, bit for bit, for the next task."""
+    fam = build_family(make_cfg("taskpool.tasks=[shapes,colors]", "model.train.steps=2", "model.train.batch_size=8",
+                                "model.train.warmup_steps=1"))
+    before = {k: v.clone() for k, v in fam.encoder.state_dict().items()}
+    held, real_train = [], type(fam).train
+
+    def train(self, task, module, work_dir):
+        held.append(sum(p.untyped_storage().nbytes() for p in self.encoder.parameters()))
+        return real_train(self, task, module, work_dir)
+
+    monkeypatch.setattr(type(fam), "train", train)
+    for t in fam.tasks:
+        ensure_finetuned(fam, t)
+    assert held == [0, 0]
+    assert all(torch.equal(v, before[k]) for k, v in fam.encoder.state_dict().items())
