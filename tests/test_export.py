@@ -146,6 +146,8 @@ def test_stage_merge_writes_open_clip_and_transformers_clip(make_cfg, tmp_path, 
     assert [p.name for p in (tmp_path / "default").iterdir()] == ["merged.safetensors"]
     stored = load_file(tmp_path / "default/merged.safetensors")
     assert set(stored) == set(merged) and all(torch.allclose(stored[k], merged[k], atol=1e-6) for k in merged)
+    run(make_cfg(*overrides, "output.format=null"), tmp_path / "none", "task_arithmetic")  # the opt-out
+    assert not (tmp_path / "none").exists() or not list((tmp_path / "none").iterdir())
 
     run(make_cfg(*overrides, "output.format=open_clip"), tmp_path / "oc", "task_arithmetic")
     file = tmp_path / "oc/merged_open_clip.safetensors"
@@ -199,7 +201,9 @@ def test_clip_modes_export_the_evaluated_network(make_cfg, tmp_path, mode, one_t
 def test_bad_output_options_stop_before_training(make_cfg, tmp_path, monkeypatch):
     monkeypatch.setattr("fusion_bench.families.clip.finetune", lambda *a, **k: pytest.fail("trained"))
     bad = {
-        ("output.format=onnx",): r"output.format='onnx': expected one of \('safetensors', 'open_clip', 'transformers'\)",
+        ("output.format=onnx",): r"output.format='onnx': expected one of \('safetensors', 'open_clip', "
+                                 r"'transformers'\) or null",
+        ("output.format=null", "output.adapters=true"): "nothing is written.*output.format=transformers",
         ("output.format=transformers", "model.arch=RN50-quickgelu"): r"RN50-quickgelu.*ModifiedResNet.*open_clip",
         ("output.format=open_clip", "finetune=linear"): "finetune=linear.*linearized.*output.format=safetensors",
         ("output.format=transformers", "finetune=l_lora", "method=partial_linearization"): "linearized LoRA",

@@ -6,6 +6,7 @@
   tower, logit_scale): `open_clip.create_model(arch, pretrained=FILE)`.
 * `transformers`: `merged_transformers/`, a `save_pretrained` folder: `CLIPModel` (+ preprocessor_config.json)
   or `T5ForConditionalGeneration` (+ its tokenizer): `CLIPModel.from_pretrained(DIR)` etc.
+* `null`: nothing is written (sweeps over real models that only want the numbers: 1.2 GB per ViT-L/14 job).
 * `transformers` with `output.adapters=true` (T5, merges of LoRA adapters): `merged_peft_adapter/`,
   adapter_config.json + adapter_model.safetensors: `PeftModel.from_pretrained(pretrained_t5, DIR)`.
 
@@ -32,10 +33,11 @@ class OutputError(ValueError):
     """An `output.*` option this run cannot honour (named in the message, with what to use instead)."""
 
 
-def output_options(cfg: DictConfig) -> tuple[str, bool]:
-    """(output.format, output.adapters) with their defaults (safetensors, false)."""
+def output_options(cfg: DictConfig) -> tuple[str | None, bool]:
+    """(output.format, output.adapters) with their defaults (safetensors, false); format None: write nothing."""
     out = cfg.get("output") or {}
-    return str(out.get("format", "safetensors")), bool(out.get("adapters", False))
+    fmt = out.get("format", "safetensors")
+    return (None if fmt is None else str(fmt)), bool(out.get("adapters", False))
 
 
 def merges_adapters(finetune_cfg: DictConfig) -> bool:
@@ -52,11 +54,16 @@ def _linearized_method(method_cfg: DictConfig) -> bool:
         return False
 
 
-def check_output(family_cls, cfg: DictConfig) -> tuple[str, bool]:
+def check_output(family_cls, cfg: DictConfig) -> tuple[str | None, bool]:
     """Stop before anything trains when the run cannot write the output it asks for; returns the options."""
     fmt, adapters = output_options(cfg)
+    if fmt is None:
+        if adapters:
+            raise OutputError("output.adapters=true with output.format=null: nothing is written; set "
+                              "output.format=transformers for a peft adapter folder")
+        return fmt, adapters
     if fmt not in FORMATS:
-        raise OutputError(f"output.format={fmt!r}: expected one of {FORMATS}")
+        raise OutputError(f"output.format={fmt!r}: expected one of {FORMATS} or null (write nothing)")
     formats = family_cls.output_formats
     if fmt not in formats:
         raise OutputError(f"output.format={fmt}: model={cfg.model.name} ({family_cls.__name__}) is written as one of "

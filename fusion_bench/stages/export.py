@@ -27,6 +27,9 @@ def export_merge(fam: ModelFamily, method: Method, merged, run_dir: Path, tasks:
     """Write the merge as output.format says; returns what was written (files or folders). A task-specific merge
     is always written as task_specific.safetensors, and for the other formats also as one model per task."""
     fmt, adapters = check_output(type(fam), fam.cfg)
+    if fmt is None:
+        log.info("merged model not written (output.format=null)")
+        return []
     task_specific = isinstance(merged, TaskSpecificMerge)
     written = [save_merge(merged, run_dir, tasks)] if fmt == "safetensors" or task_specific else []
     if fmt != "safetensors":
