@@ -70,7 +70,7 @@ ANALYZE = $(PY) run.py -m stage=analyze $(PAPER_ARGS)
 paper-tiny:     ## negation, kernel, heads, loss landscape, pairwise, cosine, disentanglement, num_tasks on tiny_eight + paper_report.md (CPU, hours)
 	$(PY) run.py -m stage=finetune finetune=$(PAPER_FT_MODES) $(PAPER_ARGS)
 	$(PY) run.py -m stage=finetune finetune=standard finetune.train_head=true $(PAPER_ARGS)
-	$(ANALYZE) analysis=negation finetune=standard hydra.sweep.dir=$(PAPER_DIR)/negation
+	$(ANALYZE) analysis=negation finetune=$(PAPER_FT_MODES) hydra.sweep.dir=$(PAPER_DIR)/negation
 	$(ANALYZE) analysis=kernel finetune=standard,attention,linear_layers,lora hydra.sweep.dir=$(PAPER_DIR)/kernel
 	$(ANALYZE) analysis=heads finetune=standard "analysis.tasks=$(PAPER_PAIR)" hydra.sweep.dir=$(PAPER_DIR)/heads
 	$(ANALYZE) analysis=loss_landscape finetune=standard,linear,attention "analysis.tasks=$(PAPER_PAIR)" \

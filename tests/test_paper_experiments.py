@@ -293,10 +293,11 @@ def _write(folder, name, data):
 
 def _runs(tmp_path, att_xi, att_gap, heads_trained_xi, neg_target):
     m = {"model": "tiny_clip", "taskpool": "tiny_eight", "method": "task_arithmetic"}
-    _write(tmp_path / "neg", "negation", {**m, "kind": "negation", "finetune": "standard", "tasks": ["a", "b"],
-                                         "control": "c", "keep": 0.95, "average": {
-                                             "target_pretrained": 0.6, "target": neg_target, "control": 0.78,
-                                             "control_pretrained": 0.8, "control_kept": 0.975}})
+    for mode in ("standard", "linear"):  # every mode's negation run counts
+        _write(tmp_path / f"neg_{mode}", "negation", {
+            **m, "kind": "negation", "finetune": mode, "tasks": ["a", "b"], "control": "c", "keep": 0.95,
+            "average": {"target_pretrained": 0.6, "target": neg_target, "control": 0.78, "control_pretrained": 0.8,
+                        "control_kept": 0.975}})
     for mode, xi, norm, gap in (("standard", 0.7, 0.5, 0.1), ("attention", att_xi, 0.6, att_gap),
                                 ("linear", 0.5, 0.55, None)):
         _write(tmp_path / f"dis_{mode}", "disentanglement", {**m, "kind": "disentanglement", "finetune": mode,
@@ -318,6 +319,8 @@ def test_paper_report_verdicts_follow_the_numbers(tmp_path):
     verdicts = [line.rsplit("|", 2)[-2].strip() for line in text.splitlines() if line.startswith("| ") and
                 line[2].isdigit()]
     assert verdicts == ["**holds**"] * 5
+    assert "- check: standard: target accuracy falls: yes" in text
+    assert "- check: linear: control keeps >= 95%: yes" in text
     _runs(tmp_path / "bad", att_xi=0.8, att_gap=0.2, heads_trained_xi=0.4, neg_target=0.7)
     bad = paper_report.write_paper_report([tmp_path / "bad"])
     verdicts = [line.rsplit("|", 2)[-2].strip() for line in bad.read_text().splitlines()

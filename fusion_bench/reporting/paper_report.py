@@ -109,16 +109,20 @@ def ta_normalized(analyses: list[dict], reports: list[dict], mode: str) -> tuple
 def claim_negation(analyses: list[dict]) -> Claim:
     c = Claim("Negating a task vector (theta_0 - lambda tau_t) lowers the target task's accuracy while the control "
               "task keeps at least 95% of the pretrained model's accuracy (Ilharco et al., ICLR 2023).", required=2)
-    run = latest(analyses, "negation", finetune="standard") or latest(analyses, "negation")
-    if run is None:
-        return c
-    a, keep = run["average"], run["keep"]
-    c.measured = (f"finetune={run['finetune']}, {len(run['tasks'])} tasks: target test accuracy "
-                  f"{a['target_pretrained']:.1%} -> {a['target']:.1%}; control ({run['control']}) "
-                  f"{a['control_pretrained']:.1%} -> {a['control']:.1%} ({a['control_kept']:.1%} kept)")
-    c.checks = [("target accuracy falls", below(a["target"], a["target_pretrained"])),
-                (f"control keeps >= {keep:.0%}", a["control_kept"] >= keep)]
-    c.figures = figures_of(run)
+    modes = sorted({r["finetune"] for r in analyses if r["kind"] == "negation"}, key=lambda m: (m != "standard", m))
+    parts = []
+    for mode in modes:  # the newest run of each mode, standard first
+        run = latest(analyses, "negation", finetune=mode)
+        a, keep = run["average"], run["keep"]
+        parts.append(f"finetune={mode}: target {a['target_pretrained']:.1%} -> {a['target']:.1%}, control "
+                     f"{a['control_pretrained']:.1%} -> {a['control']:.1%} ({a['control_kept']:.1%} kept)")
+        c.checks += [(f"{mode}: target accuracy falls", below(a["target"], a["target_pretrained"])),
+                     (f"{mode}: control keeps >= {keep:.0%}", a["control_kept"] >= keep)]
+        c.figures += figures_of(run)
+    if parts:
+        run = latest(analyses, "negation", finetune=modes[0])
+        c.measured = f"{len(run['tasks'])} tasks, control {run['control']}, test accuracy averaged over the " \
+                     f"tasks; " + "; ".join(parts)
     return c
 
 
