@@ -8,13 +8,14 @@ family's theta_0 views), and on leaving, also on an error, reads them back bit f
 
 from __future__ import annotations
 
+import ctypes
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from fusion_bench.store import atomic_save_safetensors
@@ -55,9 +56,25 @@ def parked(module: nn.Module, folder: Path, keep: nn.Module | None = None) -> It
     try:
         yield sum(sizes.values())
     finally:
-        with torch.no_grad(), safe_open(str(path), framework="pt") as f:
-            for k, t in tensors.items():
-                t.untyped_storage().resize_(sizes[k])
-                t.copy_(f.get_tensor(k))
+        for k, t in tensors.items():
+            t.untyped_storage().resize_(sizes[k])
+        _read_into(path, tensors)
         path.unlink()
         log.debug("restored %d parked tensors (%.2f GiB) from %s", len(tensors), sum(sizes.values()) / 2**30, path)
+
+
+def _read_into(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Read a safetensors file's bytes straight into the tensors' memory with plain reads: a memory map (safe_open)
+    would add the whole file to the resident set until it is closed, at the moment the weights come back."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header, base = json.loads(f.read(n)), 8 + n
+        for k, t in tensors.items():
+            entry = header[k]
+            start, end = entry["data_offsets"]
+            if entry["shape"] != list(t.shape) or end - start != t.numel() * t.element_size():
+                raise OSError(f"{path}: {k!r} does not match the parked tensor {tuple(t.shape)}")
+            f.seek(base + start)
+            into = memoryview((ctypes.c_char * (end - start)).from_address(t.data_ptr())).cast("B")
+            if f.readinto(into) != end - start:
+                raise OSError(f"{path}: {k!r} is truncated")

@@ -50,9 +50,9 @@ def _make(fam: ModelFamily, task: str, path: Path) -> Path:
     work_dir = path.with_suffix(".partial")
     with parked(fam.encoder, work_dir, keep=module):  # theta_0 waits on disk while its copy trains
         sec = fam.train(task, module, work_dir)
-    for p in module.parameters():  # the gradients, and (collected) the trainer with the optimiser state, go now
-        p.grad = None
-    release()
+        for p in module.parameters():  # the gradients, and (collected) the trainer with the optimiser state, go
+            p.grad = None              # before theta_0 comes back
+        release()
     meta = {"task": task, "mode": fam.mode, "model": cfg.model.name, "pretrained": fam.fingerprint,
             "seed": cfg.seed, "seconds_per_step": round(sec, 4),
             "trainer": {k: str(cfg.trainer.get(k)) for k in ("accelerator", "devices", "precision")}}
