@@ -52,12 +52,15 @@ def test_search_holds_a_fixed_number_of_encoder_copies(make_cfg, monkeypatch):
     real = search.CoefficientGrid.logits
     monkeypatch.setattr(search.CoefficientGrid, "logits",
                         lambda self, x, head: seen.append(_live_copies(probe, per_copy)) or real(self, x, head))
-    from fusion_bench.models import modes
-
     writing = []  # while theta(c) is written into the evaluation encoder: one tensor more, not a fourth copy
-    real_copy = modes._copy_into
-    monkeypatch.setattr(modes, "_copy_into",
-                        lambda module, state: writing.append(_live_copies(probe, per_copy)) or real_copy(module, state))
+    real_get = search._Line.__getitem__
+
+    def get(line, k):
+        v = real_get(line, k)
+        writing.append(_live_copies(probe, per_copy))
+        return v
+
+    monkeypatch.setattr(search._Line, "__getitem__", get)
     grid_accuracies(fam, method, fts, [0.0, 0.5, 1.0], "val")
     assert seen and max(seen) == 3, seen
     assert writing and max(writing) <= 3 + 1 / per_copy, max(writing)

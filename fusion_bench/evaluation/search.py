@@ -40,10 +40,9 @@ class CoefficientGrid(nn.Module):
 
     def __init__(self, encoder: nn.Module, pretrained: Mapping[str, torch.Tensor],
                  merged_at_one: Mapping[str, torch.Tensor], grid: Sequence[float],
-                 load: Callable[[nn.Module, dict[str, torch.Tensor]], object], load_by_key: bool = True):
+                 load: Callable[[nn.Module, Mapping[str, torch.Tensor]], object]):
         super().__init__()
         self.encoder, self.grid, self._load = encoder, [float(c) for c in grid], load
-        self.load_by_key = load_by_key  # `load` takes any subset of the keys: theta(c) is written one key at a time
         self.names = [k for k, v in pretrained.items() if v.is_floating_point()]
         # a dict merge is consumed key by key (tau_m takes the merge's memory, not more); a mapping is only read
         take = merged_at_one.pop if isinstance(merged_at_one, dict) else merged_at_one.__getitem__
@@ -54,8 +53,10 @@ class CoefficientGrid(nn.Module):
         if self.jvp:  # the linearized encoder at c = 1: its jvp tangent is then J tau_m
             self._load(self.encoder, self.weights(1.0))
 
-    def weights(self, c: float) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, f"theta0_{i}") + c * getattr(self, f"tau_{i}") for i, k in enumerate(self.names)}
+    def weights(self, c: float) -> Mapping[str, torch.Tensor]:
+        """theta(c), each weight computed when it is read: writing it into the evaluation encoder holds one
+        temporary tensor, not a whole copy of the weights (about one encoder less at a ViT-L/14 search's peak)."""
+        return _Line(self, c)
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor, head: torch.Tensor) -> list[torch.Tensor]:
@@ -64,18 +65,26 @@ class CoefficientGrid(nn.Module):
             return [head_logits(f0 + c * df, head) for c in self.grid]
         out = []
         for c in self.grid:
-            self.write(c)
+            self._load(self.encoder, self.weights(c))
             out.append(head_logits(self.encoder(x), head))
         return out
 
-    def write(self, c: float) -> None:
-        """theta(c) into the evaluation encoder; key by key where `load` allows (one temporary tensor instead of a
-        whole copy of the weights: about one encoder less at the peak of a ViT-L/14 search)."""
-        if not self.load_by_key:
-            self._load(self.encoder, self.weights(c))
-            return
-        for i, k in enumerate(self.names):
-            self._load(self.encoder, {k: getattr(self, f"theta0_{i}") + c * getattr(self, f"tau_{i}")})
+
+class _Line(Mapping[str, torch.Tensor]):
+    """theta_0 + c * tau_m of a CoefficientGrid as a read-only mapping, computed key by key."""
+
+    def __init__(self, grid: CoefficientGrid, c: float):
+        self.grid, self.c, self.index = grid, c, {k: i for i, k in enumerate(grid.names)}
+
+    def __getitem__(self, k: str) -> torch.Tensor:
+        i = self.index[k]
+        return getattr(self.grid, f"theta0_{i}") + self.c * getattr(self.grid, f"tau_{i}")
+
+    def __iter__(self):
+        return iter(self.grid.names)
+
+    def __len__(self) -> int:
+        return len(self.grid.names)
 
 
 def _minus(merged: torch.Tensor, pretrained: torch.Tensor, owned: bool) -> torch.Tensor:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Mapping
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -155,7 +156,7 @@ def load_trainable(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Modu
     return _copy_into(module, state)
 
 
-def _copy_into(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+def _copy_into(module: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
     with torch.no_grad():
         params = dict(module.named_parameters())
         unknown = sorted(set(state) - set(params))
@@ -202,7 +203,7 @@ def eval_model(finetune_cfg: DictConfig, encoder: nn.Module, merged: dict[str, t
     return module.requires_grad_(False).eval()
 
 
-def reload(module: nn.Module, merged: dict[str, torch.Tensor], *, finetune_cfg: DictConfig, base: nn.Module,
+def reload(module: nn.Module, merged: Mapping[str, torch.Tensor], *, finetune_cfg: DictConfig, base: nn.Module,
            linearized: bool = False) -> nn.Module:
     """Overwrite, in place, the weights of a module made by `eval_model` with other merge-space weights (one
     evaluation encoder for a whole coefficient search, instead of a fresh copy per coefficient). `base` is the

@@ -62,8 +62,7 @@ def grid_accuracies(fam: ModelFamily, method: Method, finetuned: list[dict], gri
     base = fam.base if fam.mode == "l_lora" else None  # only l_lora folds adapters with the mode model
     encoder = fam.model_with(pre, linearized=lin)
     line = CoefficientGrid(encoder, pre, method(pre, finetuned, 1.0), grid,
-                           partial(fam.modes.reload, finetune_cfg=fam.mode_cfg, base=base, linearized=lin),
-                           load_by_key=base is None)  # l_lora folds each layer's adapters together
+                           partial(fam.modes.reload, finetune_cfg=fam.mode_cfg, base=base, linearized=lin))
     acc = fam.grid_accuracies(line, tasks, split)
     return [{t: acc[i][j] for i, t in enumerate(tasks)} for j in range(len(grid))]
 
