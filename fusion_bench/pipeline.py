@@ -82,6 +82,7 @@ def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
     elif searching:
         coef, scores = coefficients.search_scaling_coef(fam, method, finetuned, ref)
         search = {"grid": list(scores), "val_normalized": list(scores.values())}
+    release()  # the search's (or the learning's) encoder and task vector: glibc keeps freed heap pages otherwise
     if learnt is None:
         merged = method(fam.pretrained_state, finetuned, coef)
     log_memory("merge")

@@ -70,9 +70,23 @@ def test_text_tower_is_freed_once_the_heads_exist(make_cfg):
     fam = build_family(make_cfg(*POOL))
     heads = {t: fam.head(t) for t in fam.tasks}
     assert all(h.shape[0] == fam.tasks[t].num_classes for t, h in heads.items())
+    assert _clips_alive() == []  # no CLIP (with its text tower) is alive, only the image encoder
+
+
+def _clips_alive() -> list:
     gc.collect()
-    texts = [o for o in gc.get_objects() if isinstance(o, torch.nn.Module) and hasattr(o, "token_embedding")]
-    assert texts == []  # no CLIP (with its text tower) is alive, only the image encoder
+    return [o for o in gc.get_objects() if isinstance(o, torch.nn.Module) and hasattr(o, "token_embedding")]
+
+
+def test_text_tower_is_gone_before_an_evaluation_copy_exists(make_cfg):
+    """An evaluation encoder (the search's, a merge's) is never made while the whole CLIP is still loaded."""
+    fam = build_family(make_cfg(*POOL))
+    fam.encoder  # noqa: B018 (loads the whole CLIP)
+    assert len(_clips_alive()) == 1
+    copy = fam.model_with(fam.pretrained_state)
+    assert _clips_alive() == []  # the heads were made first, and the text tower let go
+    assert copy is not fam.encoder and all(fam.zero_shot_head(t).shape[0] == fam.tasks[t].num_classes
+                                           for t in fam.tasks)
 
 
 def test_parked_weights_free_their_memory_and_come_back_bit_for_bit(tmp_path):

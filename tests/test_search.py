@@ -141,3 +141,15 @@ def test_non_affine_method_is_searched_by_merging_at_each_coefficient(make_cfg):
     got = grid_accuracies(exp, method, fts, [0.0, 0.5, 1.0], "val")
     assert calls == [0.0, 0.5, 1.0]
     assert got[1] == merged_accuracies(exp, merging.task_arithmetic(exp.pretrained_state, fts, 0.25), "val")
+
+
+def test_normalized_mean_leaves_out_a_task_whose_fine_tune_scores_zero(caplog):
+    from fusion_bench.evaluation.search import normalized_mean
+
+    ref = {"a": {"finetuned_val": 0.5}, "b": {"finetuned_val": 0.8}, "c": {"finetuned_val": 0.0}}
+    with caplog.at_level("WARNING"):
+        assert normalized_mean({"a": 0.25, "b": 0.4, "c": 0.3}, ref, "val") == pytest.approx((0.5 + 0.5) / 2)
+    assert "leaves out ['c']" in caplog.text
+    assert normalized_mean({"a": 0.5, "b": 0.8}, ref, "val") == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="every fine-tune has accuracy 0 on val"):
+        normalized_mean({"c": 0.3}, ref, "val")

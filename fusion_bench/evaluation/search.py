@@ -12,7 +12,9 @@ Under trainer=ddp the whole grid runs in one start of the ranks (fusion_bench.ev
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -22,12 +24,27 @@ from fusion_bench.evaluation.accuracy import predictions
 from fusion_bench.models.clip import head_logits
 from fusion_bench.models.linearize import LinearizedModel
 
+log = logging.getLogger(__name__)
 GRID = [round(0.05 * i, 2) for i in range(21)]
 
 
 def normalized_mean(acc: Mapping[str, float], ref: Mapping[str, dict], split: str) -> float:
-    """Mean over tasks of accuracy / the task's own fine-tuned accuracy on the same split."""
-    return sum(acc[t] / max(ref[t][f"finetuned_{split}"], 1e-12) for t in acc) / len(acc)
+    """Mean over tasks of accuracy / the task's own fine-tuned accuracy on the same split. A task whose fine-tune
+    scores 0 there has no normalized accuracy: it is left out with a warning (dividing by ~0 made it outweigh
+    every other task by 1e12 and decide the coefficient alone)."""
+    ft = {t: ref[t][f"finetuned_{split}"] for t in acc}
+    defined = [t for t in acc if ft[t] > 0]
+    if not defined:
+        raise ValueError(f"every fine-tune has accuracy 0 on {split} ({sorted(acc)}): normalized accuracy is "
+                         f"undefined; check the fine-tunes (or the {split} split) before merging them")
+    if len(defined) < len(acc):
+        _warn_left_out(split, tuple(sorted(set(acc) - set(defined))))
+    return sum(acc[t] / ft[t] for t in defined) / len(defined)
+
+
+@lru_cache(maxsize=None)  # once per run, not at every grid point
+def _warn_left_out(split: str, tasks: tuple[str, ...]) -> None:
+    log.warning("normalized accuracy on %s leaves out %s: the fine-tune scores 0 there", split, list(tasks))
 
 
 def affine_in_coef(method) -> bool:
