@@ -87,7 +87,9 @@ bench-data:     ## statistics and AdaMerging step cost on ViT-B/32 (random weigh
 	$(PY) -m fusion_bench.benchmarks.data_methods
 
 bench-memory:   ## peak host memory of stage=all / stage=evaluate, eight tasks, ViT-B/32 and ViT-L/14 (random weights, fixture data)
-	$(PY) -m fusion_bench.benchmarks.memory --arch vit_b32 vit_l14
+	$(PY) -m fusion_bench.benchmarks.memory --arch vit_b32 --methods task_arithmetic adamerging fisher_merging regmean \
+		--json outputs/bench/memory_vit_b32.json
+	$(PY) -m fusion_bench.benchmarks.memory --arch vit_l14 --json outputs/bench/memory_vit_l14.json
 
 bench-vit-b32:  ## the papers' protocol on ViT-B/32 (needs weights in paths.cache_dir and data in paths.data_root)
 	$(PY) run.py $(SWEEP) model=vit_b32 taskpool=eight_tasks trainer=gpu

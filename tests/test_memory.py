@@ -66,6 +66,29 @@ def test_search_holds_a_fixed_number_of_encoder_copies(make_cfg, monkeypatch):
     assert writing and max(writing) <= 3 + 1 / per_copy, max(writing)
 
 
+def test_adamerging_holds_each_task_vector_once(make_cfg, monkeypatch, tmp_path):
+    """Learning coefficients keeps theta_0, T task vectors, one evaluation encoder and the weights of the step:
+    T + 3 copies of the largest weight at every step, not the fine-tunes and their task vectors both."""
+    from fusion_bench.pipeline import coefficient_cfg
+    from fusion_bench.stages import learn
+
+    fam = build_family(make_cfg(*POOL, "method=adamerging", "method.coefficients.steps=2",
+                                "method.coefficients.batch_size=4"))
+    _stored_fakes(fam)
+    method = Method(fam.cfg.method, fam.mode)
+    key = max(fam.pretrained_state, key=lambda k: fam.pretrained_state[k].numel())
+    probe = fam.pretrained_state[key]
+    per_copy = sum(p.shape == probe.shape for p in fam.encoder.parameters())
+    fts = [finetuned_state(fam, t) for t in fam.tasks]
+    seen = []
+    real = type(fam).logits_at
+    monkeypatch.setattr(type(fam), "logits_at",
+                        lambda self, *a: seen.append(_live_copies(probe, per_copy)) or real(self, *a))
+    merged, info = learn.learn(fam, method, coefficient_cfg(fam.cfg), fts, list(fam.tasks), tmp_path)
+    assert info["steps"] == 2 and len(seen) == 2 * len(fam.tasks)
+    assert max(seen) <= len(fam.tasks) + 3, seen
+
+
 def test_text_tower_is_freed_once_the_heads_exist(make_cfg):
     fam = build_family(make_cfg(*POOL))
     heads = {t: fam.head(t) for t in fam.tasks}
