@@ -30,21 +30,23 @@ GRID = [round(0.05 * i, 2) for i in range(21)]
 
 def normalized_mean(acc: Mapping[str, float], ref: Mapping[str, dict], split: str) -> float:
     """Mean over tasks of accuracy / the task's own fine-tuned accuracy on the same split. A task whose fine-tune
-    scores 0 there has no normalized accuracy: it is left out with a warning (dividing by ~0 made it outweigh
-    every other task by 1e12 and decide the coefficient alone)."""
+    scores 0 (or less: a Matthews correlation) there has no normalized accuracy: it is left out with a warning
+    (dividing by ~0 made it outweigh every other task by 1e12 and decide the coefficient alone); with no task
+    left, the plain mean accuracy."""
     ft = {t: ref[t][f"finetuned_{split}"] for t in acc}
     defined = [t for t in acc if ft[t] > 0]
-    if not defined:
-        raise ValueError(f"every fine-tune has accuracy 0 on {split} ({sorted(acc)}): normalized accuracy is "
-                         f"undefined; check the fine-tunes (or the {split} split) before merging them")
+    if not defined:  # tiny fine-tunes, a Matthews correlation of 0: the plain mean still ranks the merges
+        _warn_left_out(split, tuple(sorted(acc)), "the plain mean accuracy is used")
+        return sum(acc.values()) / len(acc)
     if len(defined) < len(acc):
         _warn_left_out(split, tuple(sorted(set(acc) - set(defined))))
     return sum(acc[t] / ft[t] for t in defined) / len(defined)
 
 
 @lru_cache(maxsize=None)  # once per run, not at every grid point
-def _warn_left_out(split: str, tasks: tuple[str, ...]) -> None:
-    log.warning("normalized accuracy on %s leaves out %s: the fine-tune scores 0 there", split, list(tasks))
+def _warn_left_out(split: str, tasks: tuple[str, ...], then: str = "") -> None:
+    log.warning("normalized accuracy on %s leaves out %s: the fine-tune scores 0 (or less) there%s", split,
+                list(tasks), f"; {then}" if then else "")
 
 
 def affine_in_coef(method) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -23,9 +24,10 @@ from torch.utils._pytree import tree_map
 
 from fusion_bench import keys
 from fusion_bench.families.base import ModelFamily
+from fusion_bench.reporting.memory import release
 from fusion_bench.stages.finetune import finetuned_state
 from fusion_bench.stages.merge import Method
-from fusion_bench.store import CheckpointError, atomic_save_safetensors, config_hash, load_safetensors
+from fusion_bench.store import CheckpointError, atomic_save_safetensors, config_hash
 
 log = logging.getLogger(__name__)
 
@@ -72,20 +74,19 @@ def task_statistics(fam: ModelFamily, method: Method, tasks: list[str]) -> dict[
     s = spec(method)
     if s is None:
         return None
-    return {KINDS[s["kind"]]: [ensure(fam, t, s) for t in tasks]}
+    stats = []
+    for t in tasks:
+        stats.append(ensure(fam, t, s))
+        release()  # the model and the passes that made it: the next task's peak starts from the statistics alone
+    return {KINDS[s["kind"]]: stats}
 
 
-def ensure(fam: ModelFamily, task: str, s: dict) -> dict[str, torch.Tensor]:
+def ensure(fam: ModelFamily, task: str, s: dict) -> Mapping[str, torch.Tensor]:
     where = path(fam, task, s)
     merge_keys = set(fam.pretrained_state)
     if where.is_file():
-        stat = load_safetensors(where)
-        unknown = sorted(set(stat) - merge_keys)
-        if unknown:
-            raise CheckpointError(f"statistic {where} has keys this run does not merge ({unknown[:3]}): delete it "
-                                  f"and re-run")
         log.info("reusing %s statistics of %s: %s", s["kind"], task, where)
-        return stat
+        return _open(fam, where, merge_keys)
     t0 = time.perf_counter()
     device = fam.eval_where["device"]
     model = fam.model_with(finetuned_state(fam, task)).to(device)
@@ -106,4 +107,17 @@ def ensure(fam: ModelFamily, task: str, s: dict) -> dict[str, torch.Tensor]:
     atomic_save_safetensors(stat, where, metadata=meta)
     log.info("%s statistics of %s (%d samples, %d tensors) in %.1f s -> %s", s["kind"], task, n, len(stat),
              seconds, where)
+    del stat, model
+    return _open(fam, where, merge_keys)
+
+
+def _open(fam: ModelFamily, where: Path, merge_keys: set[str]):
+    """A stored statistic read tensor by tensor when the merge asks (T tasks' Grams or Fishers are T encoders'
+    worth of memory, more for RegMean's c_proj Grams), checked as the store checks fine-tunes: the keys, then
+    every tensor once for NaN / Inf."""
+    stat = fam.store.open(where)
+    unknown = sorted(set(stat) - merge_keys)
+    if unknown:
+        raise CheckpointError(f"statistic {where} has keys this run does not merge ({unknown[:3]}): delete it "
+                              f"and re-run")
     return stat
