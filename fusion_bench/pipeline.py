@@ -82,11 +82,11 @@ def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
     elif searching:
         coef, scores = coefficients.search_scaling_coef(fam, method, finetuned, ref)
         search = {"grid": list(scores), "val_normalized": list(scores.values())}
-    release()  # the search's (or the learning's) encoder and task vector: glibc keeps freed heap pages otherwise
+        release()  # the search's encoder and task vector: glibc keeps freed heap pages otherwise
     if learnt is None:
         merged = method(fam.pretrained_state, finetuned, coef)
     method.inputs.clear()  # the per-task statistics (one encoder-sized tensor set per task) are spent
-    release()
+    release()  # and the learning's task vectors and encoder, or the statistics' memory
     log_memory("merge")
     if cfg.get("objective"):  # a trial of hparams_search=optuna*: scored on val only, no test figures, no export
         return objective.score_trial(cfg, fam, method, merged, ref, tasks, run_dir, method_name, coef, search)

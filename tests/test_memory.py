@@ -35,21 +35,28 @@ def _stored_fakes(fam, scale=0.3):
         fam.store.save(fam.checkpoint(t), state, {"task": t, "pretrained": fam.fingerprint})
 
 
-def test_search_holds_a_fixed_number_of_encoder_copies(make_cfg, monkeypatch):
-    """The encoder, theta_0 (its views), tau_m and one evaluation encoder: 3 copies of the largest weight during
-    the search, whatever the number of tasks and grid points; the fine-tunes stay on disk."""
-    fam = build_family(make_cfg(*POOL))
+def _with_fakes(make_cfg, *overrides):
+    """A family with stored fake fine-tunes, its method, the lazy fine-tunes, and the probe: the largest weight's
+    key and tensor, and how many of the encoder's parameters share its shape (one encoder copy's worth)."""
+    fam = build_family(make_cfg(*POOL, *overrides))
     _stored_fakes(fam)
-    method = Method(fam.cfg.method, fam.mode)
     key = max(fam.pretrained_state, key=lambda k: fam.pretrained_state[k].numel())
     probe = fam.pretrained_state[key]
     per_copy = sum(p.shape == probe.shape for p in fam.encoder.parameters())
-    fts = [finetuned_state(fam, t) for t in fam.tasks]
+    return (fam, Method(fam.cfg.method, fam.mode), [finetuned_state(fam, t) for t in fam.tasks], key, probe,
+            per_copy)
+
+
+def test_search_holds_a_fixed_number_of_encoder_copies(make_cfg, monkeypatch):
+    """The encoder, theta_0 (its views), tau_m and one evaluation encoder: 3 copies of the largest weight during
+    the search, whatever the number of tasks and grid points; the fine-tunes stay on disk."""
+    fam, method, fts, key, probe, per_copy = _with_fakes(make_cfg)
     assert _live_copies(probe, per_copy) == 1  # lazy fine-tunes, theta_0 as views: only the encoder's weights
     seen = []
     from fusion_bench.evaluation import search
 
     real = search.CoefficientGrid.logits
+
     def logits(grid, x, head):  # counted on the first batches (a count walks every Python object: slow)
         if len(seen) < 4:
             seen.append(_live_copies(probe, per_copy))
@@ -77,19 +84,13 @@ def test_adamerging_holds_each_task_vector_once(make_cfg, monkeypatch, tmp_path)
     from fusion_bench.pipeline import coefficient_cfg
     from fusion_bench.stages import learn
 
-    fam = build_family(make_cfg(*POOL, "method=adamerging", "method.coefficients.steps=2",
-                                "method.coefficients.batch_size=4"))
-    _stored_fakes(fam)
-    method = Method(fam.cfg.method, fam.mode)
-    key = max(fam.pretrained_state, key=lambda k: fam.pretrained_state[k].numel())
-    probe = fam.pretrained_state[key]
-    per_copy = sum(p.shape == probe.shape for p in fam.encoder.parameters())
-    fts = [finetuned_state(fam, t) for t in fam.tasks]
+    fam, method, fts, _, probe, per_copy = _with_fakes(make_cfg, "method=adamerging", "method.coefficients.steps=2",
+                                                       "method.coefficients.batch_size=4")
     seen = []
     real = type(fam).logits_at
     monkeypatch.setattr(type(fam), "logits_at",
                         lambda self, *a: seen.append(_live_copies(probe, per_copy)) or real(self, *a))
-    merged, info = learn.learn(fam, method, coefficient_cfg(fam.cfg), fts, list(fam.tasks), tmp_path)
+    _, info = learn.learn(fam, method, coefficient_cfg(fam.cfg), fts, list(fam.tasks), tmp_path)
     assert info["steps"] == 2 and len(seen) == 2 * len(fam.tasks)
     assert max(seen) <= len(fam.tasks) + 3, seen
 

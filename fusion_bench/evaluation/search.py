@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import nn
@@ -43,7 +43,7 @@ def normalized_mean(acc: Mapping[str, float], ref: Mapping[str, dict], split: st
     return sum(acc[t] / ft[t] for t in defined) / len(defined)
 
 
-@lru_cache(maxsize=None)  # once per run, not at every grid point
+@cache  # once per run, not at every grid point
 def _warn_left_out(split: str, tasks: tuple[str, ...], then: str = "") -> None:
     log.warning("normalized accuracy on %s leaves out %s: the fine-tune scores 0 (or less) there%s", split,
                 list(tasks), f"; {then}" if then else "")
@@ -63,6 +63,7 @@ class CoefficientGrid(nn.Module):
         super().__init__()
         self.encoder, self.grid, self._load = encoder, [float(c) for c in grid], load
         self.names = [k for k, v in pretrained.items() if v.is_floating_point()]
+        self.index = {k: i for i, k in enumerate(self.names)}  # name -> buffer number, for theta(c) by name
         # a dict merge is consumed key by key (tau_m takes the merge's memory, not more); a mapping is only read
         take = merged_at_one.pop if isinstance(merged_at_one, dict) else merged_at_one.__getitem__
         for i, k in enumerate(self.names):  # buffers: they follow the module to its device (and DDP ranks)
@@ -93,10 +94,10 @@ class _Line(Mapping[str, torch.Tensor]):
     """theta_0 + c * tau_m of a CoefficientGrid as a read-only mapping, computed key by key."""
 
     def __init__(self, grid: CoefficientGrid, c: float):
-        self.grid, self.c, self.index = grid, c, {k: i for i, k in enumerate(grid.names)}
+        self.grid, self.c = grid, c
 
     def __getitem__(self, k: str) -> torch.Tensor:
-        i = self.index[k]
+        i = self.grid.index[k]
         return getattr(self.grid, f"theta0_{i}") + self.c * getattr(self.grid, f"tau_{i}")
 
     def __iter__(self):
