@@ -19,7 +19,9 @@ Fast exact forms (see :mod:`~fusion_bench.merging.spectral`; float64 Gram matric
 smaller side, no SVD of a ``rows x cols`` matrix):
 
 * Iso-C: ``U V^T = M (M^T M)^{-1/2}`` (or ``(M M^T)^{-1/2} M`` when ``rows < cols``): one Gram
-  matrix, one ``r x r`` eigendecomposition and one product per key.
+  matrix, one ``r x r`` eigendecomposition and one product per key when ``M`` is well conditioned;
+  otherwise a QR of ``M`` and the SVD of its ``r x r`` factor (spectral's module doc: no direction of
+  ``M`` is dropped unless fp32 data cannot determine it).
 * Iso-CTS, ``rows <= cols`` (square keys too): ``eigh(M M^T)`` gives all of ``U``; its trailing ``r - c`` eigenvectors
   ``U_perp`` span the complement of ``U_c`` exactly, so ``tau_t - U_c U_c^T tau_t = U_perp Y_t``
   with ``Y_t = U_perp^T tau_t`` (``(r - c) x cols``) and the task triplets come from the tiny
@@ -41,8 +43,8 @@ from .spectral import (
     eigh_many,
     eigh_submit,
     gram,
-    inverse_sqrt_from_eigh,
     merge_2d_keys,
+    polar_from_eigh,
     polar_pair,
     svd_from_gram,
 )
@@ -75,28 +77,28 @@ def iso_cts(
             f"iso_cts: common_space_fraction={f!r} must be a fraction in [0, 1] (the paper: 0.8)"
         )
     f = float(f)
-    return merge_2d_keys(inp, alpha, lambda taus, key: iso_cts_key(taus, f), "Iso-CTS")
+    return merge_2d_keys(inp, alpha, lambda taus, key, noise: iso_cts_key(taus, f, noise), "Iso-CTS")
 
 
 def _sum64(taus: list[Tensor]) -> Tensor:
-    """``sum_t tau_t`` (summed in fp32 like the reference code, one rounding per add), as float64."""
-    M = taus[0].clone()
+    """``sum_t tau_t`` in float64 (the definition; an fp32 sum's rounding moves Iso-CTS's common
+    subspace by up to 1e-5 where the spectrum of the sum has small gaps)."""
+    M = taus[0].to(torch.float64)
     for t in taus[1:]:
-        M.add_(t)
-    return M.to(torch.float64)
+        M.add_(t.to(torch.float64))
+    return M
 
 
-def iso_c_key(taus: list[Tensor], key: str = "") -> Callable[[], Tensor]:
-    """Iso-C update of one 2-D key (fp32), as a continuation (its ``eigh`` runs meanwhile)."""
+def iso_c_key(taus: list[Tensor], key: str = "", noise: float = 0.0) -> Callable[[], Tensor]:
+    """Iso-C update of one 2-D key (fp32), as a continuation (its ``eigh`` runs meanwhile); ``noise``:
+    the weights' rounding in each task vector (spectral's module doc)."""
     M = _sum64(taus)
     (fut,) = eigh_submit([gram(M)])
 
     def done() -> Tensor:
         L, Q = fut.result()
         mean_s = L.clamp_min(0).sqrt().mean()
-        W = inverse_sqrt_from_eigh(L, Q, M.shape)
-        P = M @ W if M.shape[0] >= M.shape[1] else W @ M
-        return (P.mul_(mean_s)).to(torch.float32)
+        return polar_from_eigh(M, L, Q, noise=len(taus) * noise).mul_(mean_s).to(torch.float32)
 
     return done
 
@@ -109,22 +111,29 @@ def iso_cts_sizes(r: int, T: int, common_space_fraction: float) -> tuple[int, in
     return r - T * d, d
 
 
-def iso_cts_key(taus: list[Tensor], common_space_fraction: float = 0.8) -> Callable[[], Tensor]:
+def iso_cts_key(
+    taus: list[Tensor], common_space_fraction: float = 0.8, noise: float = 0.0
+) -> Callable[[], Tensor]:
     """Iso-CTS update of one 2-D key (fp32), as a continuation (the common-space ``eigh`` runs meanwhile)."""
     rows_side = taus[0].shape[0] <= taus[0].shape[1]  # square keys too: then U_perp has r - c columns
     M = _sum64(taus)
     (fut,) = eigh_submit([M @ M.T if rows_side else M.T @ M])
-    return lambda: _iso_cts_finish(taus, M, fut.result(), rows_side, common_space_fraction)
+    return lambda: _iso_cts_finish(taus, M, fut.result(), rows_side, common_space_fraction, noise)
 
 
 def _iso_cts_finish(
-    taus: list[Tensor], M: Tensor, eig: tuple[Tensor, Tensor], rows_side: bool, common_space_fraction: float
+    taus: list[Tensor],
+    M: Tensor,
+    eig: tuple[Tensor, Tensor],
+    rows_side: bool,
+    common_space_fraction: float,
+    noise: float,
 ) -> Tensor:
     rows, cols = M.shape
     r, T = min(rows, cols), len(taus)
     c, d = iso_cts_sizes(r, T, common_space_fraction)
     L, Q = eig
-    sc, Qc, inv_c = eig_triplets(L, Q, c, M.shape)
+    sc, Qc, inv_c = eig_triplets(L, Q, c, M.shape, len(taus) * noise)
     if rows_side:
         Uc, Vc = Qc, (M.T @ Qc) * inv_c
     else:
@@ -138,13 +147,13 @@ def _iso_cts_finish(
         Uperp = torch.cat([Q[:, :c][:, inv_c == 0], Q[:, c:]], 1)
         Y = [Uperp.T @ x for x in X]
         for y, (Ly, Qy) in zip(Y, eigh_many([gram(y) for y in Y])):
-            a, s, v = svd_from_gram(y, Ly, Qy, d)
+            a, s, v = svd_from_gram(y, Ly, Qy, d, noise)
             task_parts.append((Uperp @ a, s, v))
     elif d > 0:
         Z = [Uc.T @ x for x in X]
         for x, z, (Lt, Qt) in zip(X, Z, eigh_many([x.T @ x - z.T @ z for x, z in zip(X, Z)])):
             # triplets of W_t = x - Uc z (never formed): v from eigh(W_t^T W_t), u = W_t v / s
-            s, v, inv = eig_triplets(Lt, Qt, d, x.shape)
+            s, v, inv = eig_triplets(Lt, Qt, d, x.shape, noise)
             task_parts.append(((x @ v - Uc @ (z @ v)) * inv, s, v))
     del X
     U = torch.cat([p[0] for p in task_parts] + [Uc], 1)

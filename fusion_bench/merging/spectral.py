@@ -15,7 +15,8 @@ of the smaller side, ``r = min(rows, cols)``, formed and diagonalised in float64
 
 * ``rows >= cols``: ``X^T X = V diag(s^2) V^T`` (``torch.linalg.eigh``), ``U = X V diag(1/s)``;
 * ``rows < cols``: ``X X^T = U diag(s^2) U^T``, ``V = X^T U diag(1/s)``;
-* polar factor: ``P Q^T = X (X^T X)^{-1/2} = X W``, ``W = Q diag(1/sigma) Q^T``.
+* polar factor: ``P Q^T = X (X^T X)^{-1/2} = X W``, ``W = Q diag(1/sigma) Q^T``, when ``X`` is well
+  conditioned (below: otherwise from a QR of ``X``).
 
 Why this is exact to float32 round-off: the float64 Gram of fp32 data has an absolute error of
 about ``1e-16 s_1^2`` in each eigenvalue, so ``s_i`` is off by about ``1e-16 (s_1 / s_i)^2``
@@ -25,14 +26,47 @@ at float32 resolution unless ``s_i / s_1 < ~1e-4``.  The results depend on the s
 only through quantities invariant under rotations inside a cluster of equal singular values
 (``polar(X R) = polar(X) R`` for orthogonal ``R``), so near-degenerate spectra are harmless too.
 
-Numerically zero singular values
---------------------------------
-A singular direction whose singular value is below ``max(rows, cols) * eps_fp32 * s_1`` (the
-default tolerance of ``torch.linalg.matrix_rank`` for fp32 inputs) is not determined by fp32
-data: ``torch.linalg.svd`` returns an arbitrary basis there (e.g. for rank-16 LoRA task vectors).
-Such triplets are dropped (their ``u``, ``v`` set to zero); their singular values still count in
-means.  Polar factors are the canonical partial isometry (zero on the numerical null space).
-For full-rank inputs (every test and benchmark here, and full fine-tunes) nothing is dropped.
+Numerically zero singular values, and the polar factors
+-------------------------------------------------------
+A singular direction that the data cannot determine is treated as zero; nothing else is.
+
+* fp32 data (a task vector, ``M = sum_t tau_t``, a projected task vector): ``s_i`` is numerically
+  zero when it is at most the larger of
+
+  - the rounding of the weights: ``tau_t = theta_t - theta_0`` of fp32 weights carries the
+    rounding of both, a matrix whose spectral norm is about ``eps_32 rms(theta_0) (sqrt(rows) +
+    sqrt(cols)) / 2.4``; the tolerance is ``noise = eps_32 rms(theta_0) (sqrt(rows) + sqrt(cols))``
+    per task vector (``T noise`` for a sum of ``T``).  A LoRA fine-tune stored as full weights is
+    exactly low-rank only up to this: its other singular values (``1e-7`` of ``s_1`` in the test)
+    are the weights' rounding, not the fine-tune;
+  - the resolution of the data itself: ``sqrt(n eps_64) s_1``, ``n = max(rows, cols)`` (3.4 fp32
+    units of ``s_1`` at ``n = 768``, 7 at 3072): below it neither fp32 data nor the float64 Gram
+    matrix (whose eigenvalues carry an absolute error of about ``n eps_64 s_1^2``) determines the
+    direction (the sum of eight rank-16 task vectors made in fp32: its 129th singular value is
+    ``0.4 eps_32 s_1``).
+
+  Such triplets are dropped (their ``u``, ``v`` set to zero); their singular values still count in
+  means.
+* A concatenation of singular bases (TSV-M, Iso-CTS): its columns are float64 unit vectors, so only
+  an exact null space (zero columns of dropped triplets, identical tasks) is numerically zero:
+  ``sigma_i <= K eps_64 sigma_1`` for ``K`` columns (``torch.linalg.matrix_rank``'s float64
+  default).  Overlapping tasks make the concatenation ill-conditioned (condition numbers of
+  ``1e5`` with a shared rank-32 part), but its small singular directions are determined by the data
+  and each carries a whole ``p_i q_i^T`` of the polar factor: none of them may be dropped.
+
+The polar factor is the canonical partial isometry ``P_+ Q_+^T`` over the directions that are not
+numerically zero (zero on the null space, so it does not depend on the basis chosen there).  It is
+computed from the Gram matrix (``X (X^T X)^{-1/2}``) only when the Gram matrix is well conditioned
+(``sigma_min / sigma_1 >= 1e-3.5``: its float64 eigenvalues are then exact to ``1e-6`` relative);
+otherwise from a float64 QR of ``X`` and the SVD of its ``K x K`` triangular factor
+(``X = Q_X R``, ``R = A S B^T``, ``polar(X) = Q_X A B^T``): squaring the condition number of an
+overlapping basis in a Gram matrix loses the small directions' weight (13-24% error against the
+plain form when they were cut off, ``1e-4`` when kept but taken from the Gram matrix).
+
+Where tasks are identical the plain form is not unique (``[A | A]`` has an exact null space) and
+the partial isometry is its canonical choice (two identical tasks merge to that task).  As two
+tasks approach each other the merge moves continuously, but its limit depends on the direction
+they approach from: TSV-M's definition itself is discontinuous at identical tasks.
 
 Threads
 -------
@@ -63,6 +97,7 @@ from .task_vectors import PROGRESS_MIN_NUMEL, MergeInputs, finish
 log = logging.getLogger(__name__)
 
 EPS32 = torch.finfo(torch.float32).eps
+EPS64 = torch.finfo(torch.float64).eps
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,49 +154,103 @@ def gram(X: Tensor) -> Tensor:
     return X.T @ X if X.shape[0] >= X.shape[1] else X @ X.T
 
 
-def rank_tol(s1: float, shape: Sequence[int]) -> float:
-    """Singular values at or below this are numerically zero (``matrix_rank``'s fp32 default)."""
-    return max(shape) * EPS32 * s1
+def data_tol(s1: float, shape: Sequence[int], noise: float = 0.0) -> float:
+    """Singular values of fp32 data at or below this are numerically zero (module doc); ``noise``: the
+    spectral size of the weights' rounding in the data (:func:`rounding_noise`)."""
+    return max((max(shape) * EPS64) ** 0.5 * s1, noise)
 
 
-def eig_triplets(L: Tensor, Q: Tensor, k: int, shape: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
-    """From ``eigh(gram(X))`` (``L`` descending) of an ``X`` of ``shape``: ``(s, Qk, inv)`` for the top ``k``.
+def rounding_noise(pre: Tensor) -> float:
+    """``eps_32 rms(theta_0) (sqrt(rows) + sqrt(cols))``: what fp32 weights' rounding puts into a task vector."""
+    rows, cols = pre.shape
+    rms = float(pre.to(torch.float64).pow(2).mean().sqrt())
+    return EPS32 * rms * (rows**0.5 + cols**0.5)
+
+
+def basis_tol(s1: float, shape: Sequence[int]) -> float:
+    """Singular values of a float64 basis at or below this are an exact null space (module doc)."""
+    return max(shape) * EPS64 * s1
+
+
+def _inverse(s: Tensor, tol: float) -> Tensor:
+    valid = s > tol
+    return torch.where(valid, 1.0 / torch.where(valid, s, 1.0), 0.0)
+
+
+def eig_triplets(
+    L: Tensor, Q: Tensor, k: int, shape: Sequence[int], noise: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """From ``eigh(gram(X))`` (``L`` descending) of an fp32-data ``X`` of ``shape``: ``(s, Qk, inv)`` for the top ``k``.
 
     ``s`` the singular values, ``Qk`` the eigenvectors (zeroed where numerically zero, module doc),
     ``inv`` = ``1/s`` (0 there): the other side's vectors are ``X Qk * inv`` (or ``X^T Qk * inv``).
     """
     s = L[:k].clamp_min(0).sqrt()
     s1 = float(L[0].clamp_min(0).sqrt()) if L.numel() else 0.0
-    valid = s > rank_tol(s1, shape) if s1 > 0 else torch.zeros_like(s, dtype=torch.bool)
-    inv = torch.where(valid, 1.0 / torch.where(valid, s, 1.0), 0.0)
-    return s, Q[:, :k] * valid, inv
+    inv = _inverse(s, data_tol(s1, shape, noise)) if s1 > 0 else torch.zeros_like(s)
+    return s, Q[:, :k] * (inv != 0), inv
 
 
-def svd_from_gram(X: Tensor, L: Tensor, Q: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+def svd_from_gram(
+    X: Tensor, L: Tensor, Q: Tensor, k: int, noise: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor]:
     """Top ``k`` singular triplets ``(U (rows x k), s (k,), V (cols x k))`` of ``X`` from ``eigh(gram(X))``.
 
     ``L`` descending.  Numerically zero triplets get zero ``u`` and ``v`` (module doc); ``s`` keeps
     their (tiny) values.
     """
-    s, Qk, inv = eig_triplets(L, Q, k, X.shape)
+    s, Qk, inv = eig_triplets(L, Q, k, X.shape, noise)
     if X.shape[0] >= X.shape[1]:
         return (X @ Qk) * inv, s, Qk
     return Qk, s, (X.T @ Qk) * inv
 
 
-def inverse_sqrt_from_eigh(L: Tensor, Q: Tensor, shape: Sequence[int]) -> Tensor:
-    """``W = Q diag(1/sigma) Q^T`` (``sigma = sqrt(L)``, numerically zero ones dropped): ``X W = polar(X)``."""
+# the Gram matrix gives the polar factor only when sigma_min / sigma_1 is at least this (module doc)
+GRAM_POLAR_MIN_RATIO = 10**-3.5
+
+
+def polar_from_eigh(X: Tensor, L: Tensor, Q: Tensor, basis: bool = False, noise: float = 0.0) -> Tensor:
+    """Orthogonal polar factor (float64) of ``X`` from ``eigh(gram(X))`` (``L`` descending).
+
+    The canonical partial isometry over the directions that are not numerically zero (fp32 data,
+    or ``basis=True`` for a float64 concatenation of singular bases; module doc).  The Gram matrix
+    gives it when ``X`` is well conditioned, a QR of ``X`` and an SVD of its small factor otherwise.
+    """
+    X = X.to(torch.float64)
     sig = L.clamp_min(0).sqrt()
-    smax = float(sig.max()) if sig.numel() else 0.0
-    valid = sig > rank_tol(smax, shape) if smax > 0 else torch.zeros_like(sig, dtype=torch.bool)
-    inv = torch.where(valid, 1.0 / torch.where(valid, sig, 1.0), 0.0)
-    return (Q * inv) @ Q.T
+    s1 = float(sig[0]) if sig.numel() else 0.0
+    if s1 == 0.0:
+        return torch.zeros_like(X)
+    if float(sig[-1]) >= max(GRAM_POLAR_MIN_RATIO * s1, 2 * noise):
+        W = (Q / sig) @ Q.T
+        return X @ W if X.shape[0] >= X.shape[1] else W @ X
+    return polar_svd(X, basis, noise)
+
+
+def polar_svd(X: Tensor, basis: bool = False, noise: float = 0.0) -> Tensor:
+    """Orthogonal polar factor (float64) of ``X`` through a QR of the long side and an SVD of ``R``."""
+    X = X.to(torch.float64)
+    wide = X.shape[0] < X.shape[1]
+    if wide:
+        X = X.T
+    if X.shape[0] > X.shape[1]:
+        QX, R = torch.linalg.qr(X)
+    else:
+        QX, R = None, X
+    A, S, Bh = torch.linalg.svd(R)
+    s1 = float(S[0]) if S.numel() else 0.0
+    tol = basis_tol(s1, X.shape) if basis else data_tol(s1, X.shape, noise)
+    keep = S > tol
+    P = A[:, keep] @ Bh[keep]
+    if QX is not None:
+        P = QX @ P
+    return P.T if wide else P
 
 
 def polar_pair(U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
-    """Orthogonal polar factors of ``U`` (rows x K) and ``V`` (cols x K), both ``K <= rows, cols``."""
+    """Orthogonal polar factors of the float64 bases ``U`` (rows x K) and ``V`` (cols x K), ``K <= rows, cols``."""
     (LU, QU), (LV, QV) = eigh_many([U.T @ U, V.T @ V])
-    return U @ inverse_sqrt_from_eigh(LU, QU, U.shape), V @ inverse_sqrt_from_eigh(LV, QV, V.shape)
+    return polar_from_eigh(U, LU, QU, basis=True), polar_from_eigh(V, LV, QV, basis=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,11 +262,11 @@ Update = Tensor | Callable[[], Tensor]
 def merge_2d_keys(
     inp: MergeInputs,
     alpha: float,
-    two_d: Callable[[list[Tensor], str], Update],
+    two_d: Callable[[list[Tensor], str, float], Update],
     description: str = "merging tensors",
 ) -> dict[str, Tensor]:
-    """``theta_0 + alpha * update`` per float key: ``two_d(taus, key)`` (fp32 ``rows x cols``) for
-    2-D keys, ``mean_t tau_t`` for the others; non-float keys copied from pretrained (module doc).
+    """``theta_0 + alpha * update`` per float key: ``two_d(taus, key, noise)`` (fp32 ``rows x cols``;
+    ``noise`` = :func:`rounding_noise` of ``theta_0``) for 2-D keys, ``mean_t tau_t`` for the others; non-float keys copied from pretrained (module doc).
 
     ``two_d`` may return a callable instead of the update (after submitting its eigendecompositions
     with :func:`eigh_submit`): it is called once the NEXT key has been loaded and started, so one
@@ -198,7 +287,7 @@ def merge_2d_keys(
         pre32 = inp.pretrained[key].to(torch.float32)
         taus = [torch.sub(ft[key], pre32).to(torch.float32) for ft in inp.finetuned]
         if len(shape) == 2:
-            upd = two_d(taus, key)
+            upd = two_d(taus, key, rounding_noise(pre32))
         else:
             upd = taus[0].clone()
             for t in taus[1:]:

@@ -47,8 +47,9 @@ def tsv_merging(
     return merge_2d_keys(inp, alpha, tsv_key, "TSV-M")
 
 
-def tsv_key(taus: list[Tensor], key: str = "") -> Tensor:
-    """TSV-M update of one 2-D key from its fp32 task vectors (fp32 result)."""
+def tsv_key(taus: list[Tensor], key: str = "", noise: float = 0.0) -> Tensor:
+    """TSV-M update of one 2-D key from its fp32 task vectors (fp32 result); ``noise``: the weights'
+    rounding in each task vector (spectral's module doc)."""
     rows, cols = taus[0].shape
     T = len(taus)
     k = min(rows, cols) // T
@@ -65,7 +66,7 @@ def tsv_key(taus: list[Tensor], key: str = "") -> Tensor:
         return taus[0].new_zeros(rows, cols)
     X = [t.to(torch.float64) for t in taus]
     eig = eigh_many([gram(x) for x in X])
-    parts = [svd_from_gram(x, L, Q, k) for x, (L, Q) in zip(X, eig)]
+    parts = [svd_from_gram(x, L, Q, k, noise) for x, (L, Q) in zip(X, eig)]
     del X, eig
     U = torch.cat([p[0] for p in parts], 1)
     s = torch.cat([p[1] for p in parts])
