@@ -247,10 +247,18 @@ def polar_svd(X: Tensor, basis: bool = False, noise: float = 0.0) -> Tensor:
     return P.T if wide else P
 
 
+def _basis_polar(X: Tensor) -> Tensor:
+    return polar_from_eigh(X, *_eigh_desc(X.T @ X), basis=True)
+
+
 def polar_pair(U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
-    """Orthogonal polar factors of the float64 bases ``U`` (rows x K) and ``V`` (cols x K), ``K <= rows, cols``."""
-    (LU, QU), (LV, QV) = eigh_many([U.T @ U, V.T @ V])
-    return polar_from_eigh(U, LU, QU, basis=True), polar_from_eigh(V, LV, QV, basis=True)
+    """Orthogonal polar factors of the float64 bases ``U`` (rows x K) and ``V`` (cols x K), ``K <= rows, cols``.
+
+    The two run concurrently in the single-threaded pool (module doc, Threads): each is an ``eigh``
+    and, for an ill-conditioned basis, a QR and an SVD, none of which gains from a second thread.
+    """
+    fu, fv = (_pool().submit(_basis_polar, X) for X in (U, V))
+    return fu.result(), fv.result()
 
 
 # --------------------------------------------------------------------------------------------
