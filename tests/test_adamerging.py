@@ -160,6 +160,88 @@ def test_adamerging_lowers_entropy_inside_the_box(layer_wise, clamp_in_forward):
         torch.testing.assert_close(w[k], ref[k], rtol=1e-6, atol=1e-6)
 
 
+def ref_official_loop(pre, tvs, keys, logits_fn, batch, steps, lr, box, layer_wise, project, m=2):
+    """The official loop written plainly: raw nn.Parameter, Adam, per step the SUM over tasks of m batches'
+    mean entropy at clamp(raw) (project=False) or at raw, projected into the box after each step (project)."""
+    lo, hi = box
+    raw = nn.Parameter(torch.full((T, len(keys)) if layer_wise else (T,), 0.3))
+    opt = torch.optim.Adam([raw], lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+    for s in range(steps):
+        lam = raw if project else torch.clamp(raw, min=lo, max=hi)
+        w = dict(pre)
+        for j, key in enumerate(keys):
+            w[key] = pre[key] + sum((lam[t, j] if layer_wise else lam[t]) * tvs[t][key] for t in range(T))
+        loss = 0.0
+        for t in range(T):
+            for i in range(m):
+                logits = logits_fn(w, t, batch(s * m + i, t))
+                loss = loss - (logits.softmax(1) * logits.log_softmax(1)).sum(1).mean(0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if project:
+            with torch.no_grad():
+                raw.clamp_(lo, hi)
+    return raw.detach()
+
+
+@pytest.mark.parametrize("layer_wise,project", [(True, False), (False, False), (True, True)])
+def test_adamerging_defaults_follow_the_official_loop(layer_wise, project):
+    """Default: two batches per task and step, clamp in the forward (raw coefficients never projected)."""
+    pre, tvs, keys, logits_fn, _ = make_problem(torch.float64)
+    g = torch.Generator().manual_seed(4)
+    pool = [[torch.randn(B, D, generator=g, dtype=torch.float64) for _ in range(5)] for _ in range(T)]
+    drawn = []
+
+    def batch(i, t):
+        drawn.append((i, t))
+        return pool[t][i % 5]
+
+    box, steps, lr = (0.2, 0.45), 30, 0.05
+    kw = {} if not project else {"clamp_in_forward": False}
+    res = adamerging(pre, tvs, logits_fn, batch, layer_wise=layer_wise, steps=steps, lr=lr, clamp=box, **kw)
+    assert drawn[: 2 * T] == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
+    raw = ref_official_loop(pre, tvs, keys, logits_fn, batch, steps, lr, box, layer_wise, project)
+    torch.testing.assert_close(res.coefs, raw.clamp(*box), rtol=0, atol=1e-5)
+    if not project:
+        assert ((raw < box[0]) | (raw > box[1])).any()  # some raw coefficient left the box: frozen there
+        other = adamerging(
+            pre,
+            tvs,
+            logits_fn,
+            batch,
+            layer_wise=layer_wise,
+            steps=steps,
+            lr=lr,
+            clamp=box,
+            clamp_in_forward=False,
+        )
+        assert not torch.allclose(other.coefs, res.coefs, atol=1e-3)  # the two rules part ways
+    # recorded entropy: the loss / batches_per_task, before each step
+    first = (
+        sum(
+            ref_loss(
+                pre,
+                tvs,
+                torch.full(res.coefs.shape, 0.3, dtype=torch.float64),
+                keys,
+                logits_fn,
+                [pool[t][i] for t in range(T)],
+            )
+            for i in (0, 1)
+        )
+        / 2
+    )
+    assert res.entropy[0] == pytest.approx(first, rel=1e-6)
+    one = adamerging(
+        pre, tvs, logits_fn, batch, layer_wise=layer_wise, steps=3, lr=lr, clamp=box, batches_per_task=1, **kw
+    )
+    raw1 = ref_official_loop(pre, tvs, keys, logits_fn, batch, 3, lr, box, layer_wise, project, m=1)
+    torch.testing.assert_close(one.coefs, raw1.clamp(*box), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="batches_per_task=0"):
+        adamerging(pre, tvs, logits_fn, batch, steps=1, batches_per_task=0)
+
+
 def test_adamerging_first_step_and_start():
     pre, tvs, keys, logits_fn, xs = make_problem(torch.float32)
     res0 = adamerging(pre, tvs, logits_fn, lambda s, t: xs[t], steps=0)

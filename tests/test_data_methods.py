@@ -52,13 +52,19 @@ def test_grams_stored_once_keyed_and_equal_to_a_direct_pass(make_cfg, monkeypatc
     assert all(torch.equal(a[k], b[k]) for a, b in zip(again, grams) for k in a)
     other = Method(make_cfg("method=regmean", "method.statistics.num_samples=20").method, "standard")
     assert statistics.path(fam, "shapes", statistics.spec(other)) != statistics.path(fam, "shapes", spec)
+    # Grams of another definition (version 1: per sample, padding counted) live under another key: never reused
+    current = statistics.path(fam, "shapes", spec)
+    monkeypatch.setattr(statistics, "GRAMS_VERSION", 1)
+    assert statistics.path(fam, "shapes", spec) != current
 
 
-@pytest.mark.parametrize("name", ["regmean", "fisher_merging"])
-def test_stage_merge_equals_the_function_over_the_statistics(make_cfg, tmp_path, monkeypatch, name):
+@pytest.mark.parametrize("name,target", [("regmean", None), ("fisher_merging", "sample"),
+                                         ("fisher_merging", "expected")])
+def test_stage_merge_equals_the_function_over_the_statistics(make_cfg, tmp_path, monkeypatch, name, target):
     fam, fts = _store_fake_finetunes(make_cfg)
     _no_training(monkeypatch)
-    cfg = make_cfg(*POOL, f"method={name}", "method.statistics.num_samples=24", "stage=merge")
+    cfg = make_cfg(*POOL, f"method={name}", "method.statistics.num_samples=24", "stage=merge",
+                   *([f"method.statistics.target={target}"] if target else []))
     run(cfg, tmp_path / "m", name)
     merged = load_file(tmp_path / "m" / "merged.safetensors")
     batches = {t: fam.batches(t, "train", 24, 0, 16) for t in TASKS}
@@ -70,7 +76,8 @@ def test_stage_merge_equals_the_function_over_the_statistics(make_cfg, tmp_path,
         stats = []
         for t, ft in zip(TASKS, fts):
             clf = fam.classifier(fam.model_with(ft), t)
-            f, _ = diagonal_fisher(clf, batches[t], keys=[f"encoder.{k}" for k in fam.pretrained_state], seed=0)
+            f, _ = diagonal_fisher(clf, batches[t], keys=[f"encoder.{k}" for k in fam.pretrained_state], seed=0,
+                                   target=target)
             stats.append({k.removeprefix("encoder."): v for k, v in f.items()})
         expected = merging.fisher_merging(fam.pretrained_state, fts, stats)
     assert set(merged) == set(expected)
@@ -106,7 +113,10 @@ def test_lorahub_merges_the_adapters_at_the_weights_it_reports(make_cfg, tmp_pat
               tmp_path / "hub", "lorahub")
     w = [hub["learnt_coefficients"]["weights"][t] for t in TASKS]
     assert all(-1.5 <= x <= 1.5 for x in w)
-    expected = merged_accuracies(fam, merging.lorahub.combine_adapters(fts, w), "test")
+    # l_lora's default init is compensated: combined around phi_0 (w = 0 is the pretrained model), not around 0
+    origin = merging.lorahub.lorahub_origin(fam.pretrained_state)
+    assert origin is not None and hub["learnt_coefficients"]["origin"] == "phi_0 (the adapters' init)"
+    expected = merged_accuracies(fam, merging.lorahub.combine_adapters(fts, w, origin), "test")
     assert {t: hub["tasks"][t]["merged"] for t in TASKS} == pytest.approx(expected, abs=1e-9)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fusion_bench.merging.lorahub import combine_adapters, l1_penalty, lorahub
+from fusion_bench.merging.lorahub import combine_adapters, l1_penalty, lorahub, lorahub_origin
 
 
 def lora(seed, dtype=torch.float32, r=2, d_in=5, d_out=4):
@@ -50,6 +50,124 @@ def test_combine_adapters_mismatches_are_named():
         combine_adapters([a, c], [1.0, 1.0])
     with pytest.raises(ValueError, match="2 weights for 1 adapters"):
         combine_adapters([a], [1.0, 2.0])
+
+
+def test_combine_adapters_around_an_origin():
+    ads, o, w = [lora(0), lora(1), lora(2)], lora(3), [0.5, -1.2, 0.3]
+    got = combine_adapters(ads, w, o)
+    for k in ads[0]:
+        torch.testing.assert_close(got[k], o[k] + sum(wt * (ad[k] - o[k]) for wt, ad in zip(w, ads)))
+    assert all(torch.equal(v, o[k]) for k, v in combine_adapters(ads, [0.0] * 3, o).items())  # w = 0: the origin
+    assert all(torch.equal(v, torch.zeros_like(v)) for v in combine_adapters(ads, [0.0] * 3).values())
+    for t in range(3):  # w = e_t: adapter t
+        e = [float(i == t) for i in range(3)]
+        for k, v in combine_adapters(ads, e, o).items():
+            torch.testing.assert_close(v, ads[t][k], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"'q.lora_A.weight' has shape \(3, 5\) in the origin"):
+        combine_adapters(ads, w, lora(3, r=3))
+    with pytest.raises(ValueError, match="the origin and the adapters have different keys"):
+        combine_adapters(ads, w, {"q.lora_A.weight": o["q.lora_A.weight"]})
+
+
+def test_lorahub_origin_is_zero_iff_the_zero_adapter_is_the_pretrained_model():
+    phi0 = lora(0)
+    assert all(torch.equal(v, phi0[k]) for k, v in lorahub_origin(phi0).items())  # compensated: B0 A0 != 0
+    zero_b = {**phi0, "q.lora_B.weight": torch.zeros(4, 2)}  # peft's default init
+    assert lorahub_origin(zero_b) is None
+    assert lorahub_origin({**phi0, "q.lora_A.weight": torch.zeros(2, 5)}) is None
+    with pytest.raises(KeyError, match="has no 'q.lora_B.weight'"):
+        lorahub_origin({"q.lora_A.weight": phi0["q.lora_A.weight"]})
+    with pytest.raises(KeyError, match="'q.weight' is no LoRA adapter"):
+        lorahub_origin({**phi0, "q.weight": torch.ones(4, 5)})
+
+
+# ---- the LoRA models of fusion_bench: w = 0 is the pretrained model; zero-B adapters are the reference's LoraHub -----
+INITS = [("lora", "zero_b"), ("lora", "compensated"), ("l_lora", "zero_b"), ("l_lora", "compensated")]
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder():
+    from fusion_bench.models.clip import create_clip
+
+    torch.manual_seed(0)
+    return create_clip("tiny-clip").visual.double().eval()  # random weights (nothing downloaded), fp64
+
+
+def _lora_finetunes(encoder, mode, init, n=3):
+    from omegaconf import OmegaConf
+
+    from fusion_bench.models.modes import build_mode_model, trainable_state
+
+    cfg = OmegaConf.create({"mode": mode, "r": 4, "alpha": 8, "init": init, "task_vector": "adapters"})
+    base = build_mode_model(cfg, encoder)
+    phi0 = {k: v.detach().double() for k, v in trainable_state(base).items()}  # (peft's adapters are fp32)
+    g = torch.Generator().manual_seed(7)
+    fts = [{k: v + 0.2 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in phi0.items()} for _ in range(n)]
+    return cfg, base, phi0, fts
+
+
+@pytest.mark.parametrize("mode,init", INITS)
+def test_w0_is_the_pretrained_model_for_every_lora_init(tiny_encoder, mode, init):
+    from fusion_bench.models.lora import merged_weights
+    from fusion_bench.models.modes import eval_model
+
+    cfg, base, phi0, fts = _lora_finetunes(tiny_encoder, mode, init)
+    origin = lorahub_origin(phi0)
+    assert (origin is None) == (init == "zero_b")
+    at0 = combine_adapters(fts, [0.0, 0.0, 0.0], origin)
+    assert all(torch.equal(v, phi0[k] if origin is not None else torch.zeros_like(v)) for k, v in at0.items())
+    w0 = dict(tiny_encoder.named_parameters())
+    folded = merged_weights(base, at0)
+    assert len(folded) == 2 * len(tiny_encoder.transformer.resblocks)  # in_proj and out_proj of every block
+    for name, w in folded.items():
+        if init == "zero_b":  # W0 + s * 0 @ 0
+            assert torch.equal(w, w0[name]), name
+        else:  # (W0 - s B0 A0) + s B0 A0: W0 up to the rounding of the base offset
+            torch.testing.assert_close(w, w0[name], rtol=0, atol=1e-14, msg=name)
+            # the reference's origin, the zero adapter, is W0 - s B0 A0 here: not the pretrained model
+            assert (merged_weights(base, combine_adapters(fts, [0.0] * 3))[name] - w0[name]).abs().max() > 1e-2
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(eval_model(cfg, tiny_encoder, at0)(x), tiny_encoder(x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["lora", "l_lora"])
+def test_lorahub_on_zero_b_adapters_is_the_plain_reference(tiny_encoder, mode, monkeypatch):
+    """A plain re-implementation of LoraHub's semantics (sail-sg/lorahub): A = sum_t w_t A_t, B = sum_t w_t B_t,
+    W = W0 + (alpha/r) B A on the unmodified base; every point the search evaluates gives exactly those weights."""
+    from fusion_bench.models.lora import adapted_weights, merged_weights, plain_name
+
+    cfg, base, phi0, fts = _lora_finetunes(tiny_encoder, mode, "zero_b")
+    assert all(not v.any() for k, v in phi0.items() if ".lora_B." in k)  # B0 = 0: peft's default init
+    origin = lorahub_origin(phi0)
+    w0 = dict(tiny_encoder.named_parameters())
+
+    def reference(w):
+        out = {}
+        for name, (layer, scale) in adapted_weights(base).items():
+            a = sum(wt * ft[f"{layer}.lora_A.default.weight"] for wt, ft in zip(w, fts))
+            b = sum(wt * ft[f"{layer}.lora_B.default.weight"] for wt, ft in zip(w, fts))
+            assert scale == cfg.alpha / cfg.r
+            out[plain_name(name)] = w0[plain_name(name)] + cfg.alpha / cfg.r * (b @ a)
+        return out
+
+    seen = []
+
+    def loss(adapters):
+        seen.append(merged_weights(base, adapters))
+        return float(sum(v.square().sum() for v in seen[-1].values()))
+
+    stub = types.SimpleNamespace(
+        p=types.SimpleNamespace(Array=_StubArray), optimizers=types.SimpleNamespace(NGOpt=_StubNGOpt)
+    )
+    monkeypatch.setitem(sys.modules, "nevergrad", stub)
+    res = lorahub(fts, loss, origin=origin, budget=6, seed=0)
+    assert len(seen) == 6
+    for (w, _), got in zip(res.history, seen):
+        want = reference(w)
+        assert set(got) == set(want)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=1e-12, msg=k)
 
 
 # ---- the search ------------------------------------------------------------------------------------------

@@ -91,7 +91,7 @@ def test_adamerging_holds_each_task_vector_once(make_cfg, monkeypatch, tmp_path)
     monkeypatch.setattr(type(fam), "logits_at",
                         lambda self, *a: seen.append(_live_copies(probe, per_copy)) or real(self, *a))
     _, info = learn.learn(fam, method, coefficient_cfg(fam.cfg), fts, list(fam.tasks), tmp_path)
-    assert info["steps"] == 2 and len(seen) == 2 * len(fam.tasks)
+    assert info["steps"] == 2 and info["batches_per_task"] == 2 and len(seen) == 2 * 2 * len(fam.tasks)
     assert max(seen) <= len(fam.tasks) + 3, seen
 
 

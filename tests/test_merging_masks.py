@@ -68,12 +68,13 @@ def taus(pre, fts):
     return [{k: ft[k].double() - pre[k].double() for k in KEYS} for ft in fts]
 
 
-def ref_ties_vector(tau_list, k):
-    """TIES merged vector (no lambda) over the whole flattened vector, plain torch."""
+def ref_ties_vector(tau_list, k, agg="sum"):
+    """Consensus-TIES's merged vector (no lambda) over the whole flattened vector, plain torch: the
+    official code keeps |tau| >= the (int(k n) + 1)-th largest, then a disjoint sum (or mean)."""
     flat_taus = [torch.cat([tau[key].reshape(-1) for key in KEYS]) for tau in tau_list]
     trimmed = []
     for x in flat_taus:
-        m = int(k * x.numel())
+        m = int(k * x.numel()) + 1
         thr = torch.sort(x.abs(), descending=True).values[m - 1]
         trimmed.append(torch.where(x.abs() >= thr, x, torch.zeros_like(x)))
     out = torch.zeros_like(flat_taus[0])
@@ -81,7 +82,7 @@ def ref_ties_vector(tau_list, k):
         vals = [float(t[i]) for t in trimmed]
         sign = 1.0 if sum(vals) >= 0 else -1.0
         agree = [v for v in vals if v != 0 and math.copysign(1.0, v) == sign]
-        out[i] = sum(agree) / len(agree) if agree else 0.0
+        out[i] = (sum(agree) / (len(agree) if agg == "mean" else 1)) if agree else 0.0
     res, off = {}, 0
     for key in KEYS:
         n = math.prod(SHAPES[key])
@@ -90,14 +91,14 @@ def ref_ties_vector(tau_list, k):
     return res
 
 
-def ref_mtl(tau_list, base, ties_k=0.2):
+def ref_mtl(tau_list, base, ties_k=0.2, agg="sum"):
     if base == "ties":
-        return ref_ties_vector(tau_list, ties_k)
+        return ref_ties_vector(tau_list, ties_k, agg)
     return {key: sum(tau[key] for tau in tau_list) for key in KEYS}
 
 
-def ref_tall(tau_list, lambdas, base, ties_k=0.2):
-    mtl = ref_mtl(tau_list, base, ties_k)
+def ref_tall(tau_list, lambdas, base, ties_k=0.2, agg="sum"):
+    mtl = ref_mtl(tau_list, base, ties_k, agg)
     masks = [
         {key: tau[key].abs() >= lam * (mtl[key] - tau[key]).abs() for key in KEYS}
         for tau, lam in zip(tau_list, lambdas)
@@ -105,9 +106,9 @@ def ref_tall(tau_list, lambdas, base, ties_k=0.2):
     return mtl, masks
 
 
-def ref_consensus(pre, fts, k, lambdas, alpha, base, ties_k=0.2):
+def ref_consensus(pre, fts, k, lambdas, alpha, base, ties_k=0.2, agg="sum"):
     tau_list = taus(pre, fts)
-    mtl, masks = ref_tall(tau_list, lambdas, base, ties_k)
+    mtl, masks = ref_tall(tau_list, lambdas, base, ties_k, agg)
     out = {}
     for key in KEYS:
         count = sum(m[key].double() for m in masks)
@@ -364,12 +365,14 @@ def test_model_stock_hand_computed():
 # ---------------------------------------------------------------------------------------------
 # random models against the references
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("base", ["task_arithmetic", "ties"])
+@pytest.mark.parametrize("base", ["task_arithmetic", "ties", "ties-mean"])
 def test_consensus_reference(base, chunk):
     pre, fts = make_models()
     lams = [0.3, 0.5, 0.2, 0.6]
-    out = consensus_merging(pre, fts, k=2, lambdas=lams, base=base, scaling_coef=0.7, ties_k=0.3)
-    ref = ref_consensus(pre, fts, 2, lams, 0.7, base, ties_k=0.3)
+    base, _, agg = base.partition("-")
+    kw = {"ties_agg": agg} if agg else {}
+    out = consensus_merging(pre, fts, k=2, lambdas=lams, base=base, scaling_coef=0.7, ties_k=0.3, **kw)
+    ref = ref_consensus(pre, fts, 2, lams, 0.7, base, ties_k=0.3, agg=agg or "sum")
     assert_close(out, ref)
     assert_buffers(out, pre)
     if base == "task_arithmetic":
@@ -388,12 +391,14 @@ def test_consensus_k_changes_the_mask():
     assert kept == sorted(kept, reverse=True) and kept[0] > kept[-1]
 
 
-@pytest.mark.parametrize("base", ["task_arithmetic", "ties"])
+@pytest.mark.parametrize("base", ["task_arithmetic", "ties", "ties-mean"])
 def test_tall_masks_reference(base, chunk):
     pre, fts = make_models()
     lams = [0.2, 0.4, 0.6, 0.3]
-    r = tall_masks(pre, fts, lambdas=lams, base=base, ties_k=0.3)
-    mtl, masks = ref_tall(taus(pre, fts), lams, base, ties_k=0.3)
+    base, _, agg = base.partition("-")
+    kw = {"ties_agg": agg} if agg else {}
+    r = tall_masks(pre, fts, lambdas=lams, base=base, ties_k=0.3, **kw)
+    mtl, masks = ref_tall(taus(pre, fts), lams, base, ties_k=0.3, agg=agg or "sum")
     assert r.n_tasks == 4 and r.rescalers == [1.0] * 4 and r.n_params == 30 + 7 + 12
     for key in KEYS:
         assert r.shared[key].dtype == torch.float32 and r.masks[key].dtype == torch.bool
@@ -478,6 +483,7 @@ def test_model_stock_reference():
 METHODS = [
     (consensus_merging, {"lambdas": [0.3, 0.4, 0.5, 0.2]}),
     (consensus_merging, {"base": "ties", "ties_k": 0.4}),
+    (consensus_merging, {"base": "ties", "ties_k": 0.4, "ties_agg": "mean"}),
     (tall_masks, {"lambdas": 0.3}),
     (tall_masks, {"base": "ties"}),
     (emr_merging, {}),
@@ -543,6 +549,9 @@ def test_bad_hyperparameters():
         tall_masks(pre, fts, base="magic")
     with pytest.raises(ValueError, match="ties_k"):
         consensus_merging(pre, fts, base="ties", ties_k=0.0)
+    for fn in (consensus_merging, tall_masks):
+        with pytest.raises(ValueError, match="ties_agg='max' must be 'sum'"):
+            fn(pre, fts, base="ties", ties_agg="max")
     with pytest.raises(TypeError, match="scaling_coef"):
         consensus_merging(pre, fts, scaling_coef=[0.1, 0.2, 0.3, 0.4])
     for density in (0.0, 1.5, -0.1):

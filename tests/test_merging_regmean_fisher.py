@@ -76,6 +76,20 @@ def test_regmean_with_identical_grams_is_the_mean_in_pretrained_dtype():
     assert list(out) == list(pre)
 
 
+def test_regmean_depends_on_the_grams_scale_per_task_not_on_a_common_one():
+    """Why the Grams' normalisation matters: one factor for every task (per-token vs per-sample Grams of CLIP,
+    where every image has the same number of tokens) leaves the merge unchanged; a factor per task (per-sample
+    Grams of T5 tasks with different sequence lengths: 8, 40, 16 tokens) moves it."""
+    pre, fts, _, grams = linear_tasks()
+    ref = regmean(pre, fts, grams, reduce_non_diagonal_ratio=0.9)
+    common = regmean(pre, fts, [{k: 50 * g for k, g in gs.items()} for gs in grams], reduce_non_diagonal_ratio=0.9)
+    per_task = regmean(pre, fts, [{k: c * g for k, g in gs.items()} for c, gs in zip((8, 40, 16), grams)],
+                       reduce_non_diagonal_ratio=0.9)
+    for k in ("w", "visual.proj"):
+        torch.testing.assert_close(common[k], ref[k], rtol=1e-12, atol=1e-12)
+        assert float((per_task[k] - ref[k]).norm()) > 0.05 * float(ref[k].norm())
+
+
 def test_regmean_errors_name_key_and_task():
     pre, fts, _, grams = linear_tasks()
     partial = [grams[0], {"visual.proj": grams[1]["visual.proj"]}, grams[2]]

@@ -196,7 +196,7 @@ def test_zero_task_vectors_give_pretrained():
     pre, _ = make_models(3)
     fts = [dict(pre) for _ in range(3)]
     for fn in (tsv_merging, iso_c, iso_cts, wudi_merging):
-        out = fn(pre, fts)
+        out = fn(pre, fts, **({"keys": "all_2d"} if fn is wudi_merging else {}))
         assert all(torch.equal(out[k], pre[k]) for k in SHAPES), fn.__name__
 
 
@@ -246,18 +246,18 @@ def test_wudi_fast_adam_equals_autograd_adam_float64(shape, lr, block_elems):
 @pytest.mark.parametrize("lr", [1e-5, 1e-3])
 def test_wudi_merging_fp32_matches_float64_reference(lr):
     pre, fts = make_models(3, seed=6)
-    out = wudi_merging(pre, fts, lr=lr, scaling_coef=0.8)
+    out = wudi_merging(pre, fts, lr=lr, scaling_coef=0.8, keys="all_2d")
     ref = ref_merge(pre, fts, lambda taus: ref_wudi(taus, lr=lr), 0.8)
     assert_merge_close(out, pre, ref, rtol=1e-5, atol=2e-6)
 
 
 def test_wudi_zero_iterations_is_sum_and_logs(caplog):
     pre, fts = make_models(3, seed=7)
-    out = wudi_merging(pre, fts, iterations=0)
+    out = wudi_merging(pre, fts, iterations=0, keys="all_2d")
     ref = ref_merge(pre, fts, lambda taus: sum(taus), 1.0)
     assert_merge_close(out, pre, ref)
     with caplog.at_level(logging.INFO, logger="fusion_bench.merging"):
-        wudi_merging(pre, fts, lr=1e-3, iterations=50)
+        wudi_merging(pre, fts, lr=1e-3, iterations=50, keys="all_2d")
     msg = [r.getMessage() for r in caplog.records if "wudi_merging: Adam" in r.getMessage()]
     assert len(msg) == 1 and "3 2-D keys" in msg[0]
     before, after = (float(x) for x in msg[0].split("loss ")[1].split(",")[0].split(" -> "))
@@ -271,7 +271,7 @@ FNS = {
     "tsv_merging": (tsv_merging, {}),
     "iso_c": (iso_c, {}),
     "iso_cts": (iso_cts, {}),
-    "wudi_merging": (wudi_merging, {"lr": 1e-2, "iterations": 50}),
+    "wudi_merging": (wudi_merging, {"lr": 1e-2, "iterations": 50, "keys": "all_2d"}),  # generic key names
 }
 
 
@@ -366,11 +366,11 @@ def test_method_configs_instantiate(name, fn_name, coef):
     fn = instantiate(cfg)
     assert "scaling_coef" in inspect.signature(fn).parameters
     pre, fts = make_models(3, seed=13)
-    kw = {"iterations": 5} if name == "wudi" else {}
+    kw = {"iterations": 5, "keys": "all_2d"} if name == "wudi" else {}  # generic key names
     out = fn(pre, fts, scaling_coef=0.25, **kw)  # the pipeline overrides the YAML's value
     assert list(out) == list(pre)
     if name == "wudi":
-        assert cfg.lr == 1e-5 and cfg.iterations == 300
+        assert cfg.lr == 1e-5 and cfg.iterations == 300 and cfg["keys"] == "official"
     if name == "iso_cts":
         assert cfg.common_space_fraction == 0.8
 

@@ -104,9 +104,10 @@ def brute_force_inputs(vit, x):
     return pooled @ vit.proj, ins
 
 
-def gram_of(xs, n):
+def gram_of(xs):
+    """sum x x^T over every row (token) of the inputs xs, divided by the number of rows."""
     x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]).double()
-    return x.T @ x / n
+    return x.T @ x / x.shape[0]
 
 
 def test_grams_of_open_clip_vit_match_brute_force():
@@ -126,7 +127,11 @@ def test_grams_of_open_clip_vit_match_brute_force():
     )
     for key, xs in ins.items():
         assert grams[key].dtype == torch.float32
-        torch.testing.assert_close(grams[key].double(), gram_of(xs, 7), rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(grams[key].double(), gram_of(xs), rtol=1e-4, atol=1e-5, msg=key)
+    # per token: a block's maps read 7 images x 17 tokens, proj reads 7 pooled rows; over samples the block Grams
+    # would be 17x larger, the same factor for every task of a ViT (RegMean's merge does not change)
+    assert sum(t.reshape(-1, t.shape[-1]).shape[0] for t in ins["transformer.resblocks.1.mlp.c_fc.weight"]) == 7 * 17
+    assert sum(t.reshape(-1, t.shape[-1]).shape[0] for t in ins["proj"]) == 7
     torch.testing.assert_close(torch.cat(outs), want_out, atol=1e-5, rtol=0)  # hooks leave the output alone
 
 
@@ -152,10 +157,10 @@ def test_grams_of_linear_stack_with_tokens_and_keys():
     batches = [(x[:2], 0), (x[2:], 0)]
     grams, n = input_grams(net, batches, forward=lambda m, b: m(b[0]), size=lambda b: len(b[0]))
     assert n == 6 and list(grams) == ["0.weight", "2.weight"]
-    torch.testing.assert_close(grams["0.weight"].double(), gram_of([x], 6), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grams["0.weight"].double(), gram_of([x]), rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(
-            grams["2.weight"].double(), gram_of([net[1](net[0](x))], 6), rtol=1e-5, atol=1e-6
+            grams["2.weight"].double(), gram_of([net[1](net[0](x))]), rtol=1e-5, atol=1e-6
         )
     only, _ = input_grams(
         net, batches, forward=lambda m, b: m(b[0]), size=lambda b: len(b[0]), keys=["2.weight"]
@@ -168,13 +173,74 @@ def test_grams_of_linear_stack_with_tokens_and_keys():
         input_grams(net, [])
 
 
+class _TokenNet(nn.Module):
+    """Embedding -> Linear -> tanh -> Linear over padded token ids (the pad id 0 has a non-zero embedding)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.l1, self.l2 = nn.Embedding(11, 5), nn.Linear(5, 7), nn.Linear(7, 3)
+
+    def forward(self, ids):
+        return self.l2(torch.tanh(self.l1(self.emb(ids))))
+
+
+def _padded(seqs, size):
+    """Batches of `size` sequences, each padded (id 0) to the longest of its batch."""
+    out = []
+    for s in range(0, len(seqs), size):
+        part = seqs[s:s + size]
+        ids = torch.zeros(len(part), max(map(len, part)), dtype=torch.long)
+        for i, q in enumerate(part):
+            ids[i, :len(q)] = torch.tensor(q)
+        out.append((ids, ids != 0))
+    return out
+
+
+def test_grams_are_means_over_counted_tokens_of_padded_batches():
+    """Brute force: sum x x^T over every real token of every sequence / the number of tokens; the same from
+    batches padded to different lengths with `positions` marking the real tokens, whatever the batching;
+    without `positions` every padded row counts (divided by the rows, not the samples)."""
+    net = _TokenNet().eval()
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(1, 11, (n,), generator=g).tolist() for n in (2, 9, 4, 1, 6, 3, 8)]
+    with torch.no_grad():
+        e = torch.cat([net.emb(torch.tensor(q)) for q in seqs]).double()  # every real token: 33 rows
+        h = torch.tanh(net.l1(e.float())).double()
+    want = {"l1.weight": e.T @ e / len(e), "l2.weight": h.T @ h / len(h)}
+    assert len(e) == 33
+
+    def real(key, b):
+        return b[1]
+
+    for size in (1, 2, 3, 7):
+        grams, n = input_grams(net, _padded(seqs, size), forward=lambda m, b: m(b[0]), size=lambda b: len(b[0]),
+                               positions=real)
+        assert n == 7 and set(grams) == set(want)
+        for k, w in want.items():
+            torch.testing.assert_close(grams[k].double(), w, rtol=1e-5, atol=1e-7, msg=f"{size}: {k}")
+    batches = _padded(seqs, 3)
+    every, _ = input_grams(net, batches, forward=lambda m, b: m(b[0]), size=lambda b: len(b[0]))
+    with torch.no_grad():
+        rows = torch.cat([net.emb(b[0]).reshape(-1, 5) for b in batches]).double()
+    assert len(rows) == 3 * 9 + 3 * 6 + 1 * 8
+    torch.testing.assert_close(every["l1.weight"].double(), rows.T @ rows / len(rows), rtol=1e-5, atol=1e-7)
+    run = {"forward": lambda m, b: m(b[0]), "size": lambda b: len(b[0])}
+    with pytest.raises(ValueError, match=r"positions\('l1.weight', batch\) gave a torch.int64 mask"):
+        input_grams(net, batches, **run, positions=lambda k, b: b[1].long())
+    with pytest.raises(ValueError, match=r"must be a bool tensor of shape \(3, 9\)"):
+        input_grams(net, batches, **run, positions=lambda k, b: b[1][:, :2])
+    with pytest.raises(ValueError, match="counted no position of the input of 'l2.weight'"):
+        input_grams(net, batches, **run, positions=lambda k, b: b[1] & (k == "l1.weight"))
+
+
 def test_grams_of_open_clip_custom_attention():
     torch.manual_seed(0)
     attn = open_clip.transformer.Attention(8, num_heads=2).eval()
     x = torch.randn(3, 5, 8)
     grams, n = input_grams(attn, [x])
     assert set(grams) == {"in_proj_weight", "out_proj.weight"} and n == 3
-    torch.testing.assert_close(grams["in_proj_weight"].double(), gram_of([x], 3), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grams["in_proj_weight"].double(), gram_of([x]), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

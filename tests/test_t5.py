@@ -323,6 +323,109 @@ def test_lora_modes_start_at_the_pretrained_model_and_fold_exactly(tiny_t5):
         torch.testing.assert_close(plain(**x), ref, rtol=0, atol=0)
 
 
+# ---- RegMean's Grams: means over real tokens -------------------------------------------------------------------
+def _t5_examples():
+    """Examples of very different source / target lengths (3..40 words), in a fixed order."""
+    rng = random.Random(3)
+    out = []
+    for i in range(7):
+        n_src, n_tgt = (3, 1) if i % 3 == 0 else (40, 6) if i % 3 == 1 else (12, 3)
+        out.append(glue.Example(source="rte sentence1: " + " ".join(rng.choice(WORDS) for _ in range(n_src)),
+                                target=" ".join(rng.choice(TARGETS) for _ in range(n_tgt))))
+    return out
+
+
+def _t5_batches(tok, examples, batch_size):
+    from fusion_bench.t5.train import Seq2SeqCollator
+
+    collate = Seq2SeqCollator(tok, 128, 16, start_id=0, pad_id=0)
+    out = []
+    for s in range(0, len(examples), batch_size):
+        b = collate(examples[s:s + batch_size])
+        out.append(({k: b[k] for k in ("input_ids", "attention_mask", "decoder_input_ids")}, b["labels"]))
+    return out
+
+
+def _t5_grams(model, batches):
+    from fusion_bench.t5.family import T5Family
+
+    return T5Family.grams(None, model, batches)  # the family's Grams (it reads nothing of the family itself)
+
+
+def test_t5_grams_are_means_over_every_real_token(tiny_t5):
+    """Brute force: every example run alone (no padding at all), the input of every nn.Linear collected,
+    sum x x^T over all those tokens / their number; the family's Grams over padded batches give the same."""
+    from torch import nn
+
+    from fusion_bench.t5.model import T5Logits, load_t5
+
+    model, tok = load_t5(OmegaConf.create({"name": "tiny", "pretrained": str(tiny_t5)}))
+    plain = T5Logits(model)
+    examples = _t5_examples()
+    batches = _t5_batches(tok, examples, 3)
+    enc_lengths = {b[0]["input_ids"].shape[1] for b in batches}
+    assert len(enc_lengths) > 1 and any((b[0]["attention_mask"] == 0).any() for b in batches)  # padded
+    names = {m: n for n, m in plain.named_modules() if isinstance(m, nn.Linear)}
+    rows: dict[str, list[torch.Tensor]] = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a: rows.setdefault(names[m] + ".weight", []).append(
+        a[0].reshape(-1, a[0].shape[-1]).double())) for m in names]
+    try:
+        with torch.no_grad():
+            for single in _t5_batches(tok, examples, 1):  # one example: no padding anywhere
+                assert bool(single[0]["attention_mask"].all()) and bool((single[1] != -100).all())
+                plain(**single[0])
+    finally:
+        for h in hooks:
+            h.remove()
+    grams = _t5_grams(plain, batches)
+    # encoder blocks: 4 attention + 3 gated-FF maps; decoder blocks: 4 self- + 4 cross-attention + 3 FF; lm_head
+    assert set(grams) == set(rows) and len(grams) == 2 * (4 + 3) + 2 * (4 + 4 + 3) + 1
+    n_enc = sum(len(tok(e.source).input_ids) for e in examples)
+    assert sum(len(x) for x in rows["encoder.block.0.layer.0.SelfAttention.q.weight"]) == n_enc
+    assert sum(len(x) for x in rows["decoder.block.1.layer.1.EncDecAttention.k.weight"]) == n_enc
+    for key, xs in rows.items():
+        x = torch.cat(xs)
+        torch.testing.assert_close(grams[key].double(), x.T @ x / len(x), rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_regmean_on_t5_does_not_depend_on_how_examples_are_batched(tiny_t5):
+    """Two fake fine-tunes' Grams from the same examples batched 1, 3 and 7 at a time (padded to 3 different
+    lengths), in two orders: the RegMean merges agree; counting the padding (the references' rule) does not."""
+    from fusion_bench.merging import regmean
+    from fusion_bench.statistics import input_grams
+    from fusion_bench.t5.model import T5Logits, load_t5
+
+    model, tok = load_t5(OmegaConf.create({"name": "tiny", "pretrained": str(tiny_t5)}))
+    pre = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    fts = [{k: v + 0.1 * v.std().clamp_min(0.01) * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+            for k, v in pre.items()} for _ in range(2)]
+    examples = [_t5_examples(), _t5_examples()[::-1][:5]]  # task 2: other examples, fewer
+
+    def merged(batch_size, order=1, positions="family"):
+        grams = []
+        for ft, ex in zip(fts, examples):
+            model.load_state_dict(ft)
+            batches = _t5_batches(tok, ex[::order], batch_size)
+            if positions == "family":
+                grams.append(_t5_grams(T5Logits(model), batches))
+            else:
+                grams.append(input_grams(T5Logits(model), batches, forward=lambda m, b: m(**b[0]),
+                                         size=lambda b: b[0]["input_ids"].shape[0])[0])
+        model.load_state_dict(pre)
+        return regmean(pre, fts, grams, reduce_non_diagonal_ratio=0.9)
+
+    ref = merged(1)
+    gram_keys = [k for k in ref if k.endswith(".weight") and ref[k].dim() == 2 and k != "shared.weight"]
+    for bs, order in ((3, 1), (7, 1), (3, -1)):
+        other = merged(bs, order)
+        for k in gram_keys:
+            torch.testing.assert_close(other[k], ref[k], rtol=1e-4, atol=2e-6, msg=f"batch {bs} order {order}: {k}")
+    padded = merged(7, positions=None)  # every padded position counted
+    moved = max(float((padded[k] - ref[k]).norm() / (fts[0][k] - pre[k]).norm()) for k in gram_keys)
+    assert moved > 1e-2  # the test can tell: with padding counted, batching moves the merge
+
+
 # ---- end to end -------------------------------------------------------------------------------------------------
 def _check_report(report, tasks):
     assert report["model"] == "tiny_t5" and report["taskpool"] == "glue"

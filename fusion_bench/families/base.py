@@ -154,7 +154,7 @@ class ModelFamily:
         return module.requires_grad_(False).eval()
 
     # ---- what statistics and coefficient learning ask of a family (fusion_bench.stages) -------------------
-    fisher_targets: ClassVar[tuple[str, ...]] = ("sample", "label")
+    fisher_targets: ClassVar[tuple[str, ...]] = ("sample", "label", "expected")  # statistics/fisher.py
 
     def batches(self, task: str, split: str, n: int | None, seed: int, batch_size: int) -> list[tuple[Any, Any]]:
         """(inputs, labels) batches of n examples of the split drawn without replacement (seeded); all with None."""

@@ -2,20 +2,24 @@
 
 ``theta(lambda) = theta_0 + sum_t lambda_t tau_t`` (task-wise, ``coefs`` of shape ``[T]``) or
 ``theta_0 + sum_t lambda_{t,k} tau_t[k]`` per tensor ``k`` (layer-wise, ``[T, K]``).  Each step minimises
-``sum_t mean_b H(softmax(logits_t(theta(lambda), x_{t,b})))`` (SUM over tasks of each task's batch-mean
-Shannon entropy, as the reference ``EnnengYang/AdaMerging`` does) with Adam (betas (0.9, 0.999), no weight
-decay), start 0.3, lr 1e-3, 500 steps.  As in the reference, layer-wise coefficients cover every floating
-tensor (every parameter of the encoder) and theta_0's own coefficient is fixed to 1.
+``sum_t sum_{j < m} mean_b H(softmax(logits_t(clamp(lambda), x_{t,j,b})))``: the SUM over tasks and over
+``m = batches_per_task`` batches per task of each batch's mean Shannon entropy, with Adam (betas (0.9, 0.999),
+no weight decay), start 0.3, lr 1e-3, 500 steps.  As in the reference, layer-wise coefficients cover every
+floating tensor (every parameter of the encoder) and theta_0's own coefficient is fixed to 1.
 
-Clamping.  The reference clamps in the forward (``lambda = clamp(lambda_raw, 0, 1)``): a raw coefficient
-that leaves the box gets zero gradient and Adam's momentum carries it further out, so it is frozen there for
-good.  Here ``clamp_in_forward=False`` (default) projects the parameter back into the box after each Adam
-step instead, so a coefficient on the boundary still sees its gradient and can come back.  Both give the
-same iterates until a coefficient first leaves the box; ``clamp_in_forward=True`` reproduces the reference.
-
-Batches: the reference loop adds the mean entropy of TWO batches of 16 per task per step (it breaks after
-``i = 1``), FusionBench's of one; ``batches`` gives one input per task and step (32 inputs reproduce the
-reference up to a factor 2 in the loss, which Adam ignores up to its eps).
+Defaults follow the official code (EnnengYang/AdaMerging, ``src/main_{task,layer}_wise_adamerging.py``): each
+step draws a freshly shuffled test loader of batch size 16 per task and adds the mean entropy of its first TWO
+batches (``if i > 0: break``), so ``batches_per_task=2``; and it clamps in the forward
+(``lambdas() = clamp(lambdas_raw, 0, 1)``; the raw parameters are never projected), so
+``clamp_in_forward=True``: a raw coefficient outside the box gets zero gradient (torch's clamp passes the
+gradient on the closed box, bounds included) and Adam's momentum carries it on, so it stays out (its value
+used is the bound).  ``clamp_in_forward=False`` instead projects the raw coefficients back into the box after
+each Adam step, so a coefficient on a bound still sees its gradient and can come back; the two give the same
+iterates until a coefficient first leaves the box.  ``batches_per_task=1`` is FusionBench's single batch.
+The pipeline (stages/learn.py) draws the batches from seeded passes over the split, each sample once per pass,
+where the official code reshuffles the whole split at every step.
+The recorded ``entropy`` is the loss divided by ``batches_per_task`` (the sum over tasks of each task's mean
+entropy), comparable across ``batches_per_task``.
 
 AdaMerging++ runs the same learner over :func:`ties_task_vectors` (the reference's per-task
 ``selected_entries`` of ``ties_merging_split``, merge_func "dis-sum").
@@ -130,19 +134,24 @@ def entropy_loss_and_grad(
     keys: Sequence[str],
     logits_fn: LogitsFn,
     inputs: Sequence[Any],
+    tasks: Sequence[int] | None = None,
 ) -> tuple[float, Tensor]:
-    """Loss ``sum_t mean_entropy(logits_fn(theta(coefs), t, inputs[t]))`` and its gradient w.r.t. ``coefs``.
+    """Loss ``sum_i mean_entropy(logits_fn(theta(coefs), tasks[i], inputs[i]))`` and its gradient (coefs).
 
-    Tasks are back-propagated one at a time into the merged weights (only one task's activations are alive),
-    then once through the merge: the task vectors are read once per step, not once per task.
+    ``tasks[i]`` is the task of batch ``inputs[i]`` (default: batch ``i`` is task ``i``).  Batches are
+    back-propagated one at a time into the merged weights (only one batch's activations are alive), then once
+    through the merge: the task vectors are read once per step, not once per batch.
     """
+    tasks = list(range(len(inputs))) if tasks is None else list(tasks)
+    if len(tasks) != len(inputs):
+        raise ValueError(f"adamerging: {len(inputs)} input batches but {len(tasks)} task indices")
     c = coefs.detach().requires_grad_(True)
     with torch.enable_grad():
         w = merged_weights(pretrained, task_vectors, c, keys)
         leaves = {k: w[k].detach().requires_grad_(True) for k in keys}
         weights = {**w, **leaves}
         total = 0.0
-        for t, x in enumerate(inputs):
+        for t, x in zip(tasks, inputs):
             ent = mean_entropy(logits_fn(weights, t, x))
             if ent.requires_grad:
                 ent.backward(inputs=list(leaves.values()))
@@ -160,7 +169,7 @@ class AdaMergingResult:
 
     coefs: Tensor
     keys: list[str]
-    entropy: list[float] = field(default_factory=list)  # sum over tasks of mean entropy, before each step
+    entropy: list[float] = field(default_factory=list)  # loss / batches_per_task, before each step
 
     @property
     def layer_wise(self) -> bool:
@@ -191,14 +200,17 @@ def adamerging(
     progress: bool = False,
     on_step: Callable[[int, float, Tensor], None] | None = None,
     keys: Sequence[str] | None = None,
-    clamp_in_forward: bool = False,
+    clamp_in_forward: bool = True,
+    batches_per_task: int = 2,
 ) -> AdaMergingResult:
     """Learn AdaMerging coefficients (see the module doc for the loss, the optimiser and clamping).
 
     ``logits_fn(weights, t, inputs)`` returns task ``t``'s logits ``[B, C]`` at ``weights``;
-    ``batches(step, t)`` gives that step's unlabelled inputs of task ``t``.  ``keys`` defaults to every
-    floating key of ``pretrained``.  ``on_step(step, loss, coefs)`` is called after each update.
-    All tensors (pretrained, task vectors, what ``logits_fn`` needs) on one device; coefficients are fp32.
+    ``batches(i, t)`` gives the ``i``-th batch of task ``t``'s unlabelled inputs: step ``s`` asks for
+    ``i = s * batches_per_task + j``, ``j < batches_per_task``.  ``keys`` defaults to every floating key of
+    ``pretrained``.  ``on_step(step, entropy, coefs)`` is called after each update with the step's recorded
+    entropy and the clamped coefficients.  All tensors (pretrained, task vectors, what ``logits_fn`` needs) on
+    one device; coefficients are fp32.
     """
     keys = [k for k in pretrained if pretrained[k].is_floating_point()] if keys is None else list(keys)
     if not keys:
@@ -210,6 +222,9 @@ def adamerging(
         raise ValueError(f"adamerging: init={init} lies outside clamp={clamp}; start inside the box")
     if int(steps) < 0 or lr <= 0:
         raise ValueError(f"adamerging: steps={steps} must be >= 0 and lr={lr} > 0")
+    m = int(batches_per_task)
+    if m < 1:
+        raise ValueError(f"adamerging: batches_per_task={batches_per_task} must be >= 1 (the reference: 2)")
     n = len(task_vectors)
     shape = (n, len(keys)) if layer_wise else (n,)
     raw = torch.full(shape, float(init), dtype=torch.float32, device=pretrained[keys[0]].device)
@@ -219,8 +234,10 @@ def adamerging(
     history: list[float] = []
     for step in track(range(int(steps)), description="AdaMerging", transient=True, disable=not progress):
         eff = raw.detach().clamp(lo, hi)
-        inputs = [batches(step, t) for t in range(n)]
-        loss, g = entropy_loss_and_grad(pretrained, task_vectors, eff, keys, logits_fn, inputs)
+        tasks = [t for t in range(n) for _ in range(m)]
+        inputs = [batches(step * m + j, t) for t in range(n) for j in range(m)]
+        loss, g = entropy_loss_and_grad(pretrained, task_vectors, eff, keys, logits_fn, inputs, tasks)
+        loss /= m
         if clamp_in_forward:  # d clamp / d raw = 1 inside the box (bounds included), 0 outside
             g = g * ((raw.detach() >= lo) & (raw.detach() <= hi))
         raw.grad = g.to(raw.dtype)

@@ -3,10 +3,22 @@ Improved Model Merging and Compression").
 
 Per entry of every float key, with ``tau_t = theta_t - theta_0``:
 
-* multi-task vector ``tau_MTL``: ``sum_t tau_t`` (``base="task_arithmetic"``) or the TIES merged
-  vector (``base="ties"``: per task keep the top ``ties_k`` fraction of ``|tau_t|`` over the whole
-  flattened vector, elect the sign of the sum, disjoint mean; the TIES scaling is NOT applied here,
-  as in the reference code, where ``tau_MTL`` is the unscaled ``dis-mean`` vector);
+* multi-task vector ``tau_MTL``:
+
+  - ``base="task_arithmetic"``: ``sum_t tau_t`` (Consensus-TA, TALL over TA);
+  - ``base="ties"`` (Consensus-TIES, TALL over TIES), the official code's
+    ``ties_merging(tv, reset_thresh=20, merge_func="dis-sum")``, unscaled:
+
+    1. trim: per task keep ``tau_t`` where ``|tau_t| >= v_t``, ``v_t`` the ``(int(ties_k * N) + 1)``-th
+       largest ``|tau_t|`` over the WHOLE flattened vector (all ``N`` float entries), the official
+       ``topk_values_mask`` convention (``kthvalue(N - int(ties_k * N))``: one entry more than
+       ``int(ties_k * N)``, and every entry tied with ``v_t``); ``ties_k = 1`` keeps everything;
+    2. elect: ``gamma = sign(sum_t trimmed_t)``;
+    3. disjoint aggregate over the trimmed entries whose sign agrees with ``gamma``:
+       ``ties_agg="sum"`` (default, the official code's ``dis-sum``) adds them,
+       ``ties_agg="mean"`` divides that sum by their number (TIES's own ``dis-mean``; the count is
+       clamped to >= 1).  The TIES scaling is not applied to ``tau_MTL``.
+
 * TALL mask of task ``t``: ``m_t = 1[|tau_t| >= lambda_t |tau_MTL - tau_t|]`` (the untrimmed
   ``tau_t``, also for TIES). It is ``|theta_0 - theta_t| >= lambda_t |theta_MTL - theta_t|``:
   the entries where the multi-task model is closer to task ``t``'s fine-tune than theta_0 is;
@@ -20,9 +32,20 @@ chosen on validation.  :func:`tall_masks`: task-specific, task ``t`` uses
 accuracy of ``theta_0 + m_t * tau_MTL`` (the pipeline's job: call :func:`tall_masks` with each
 grid value, then once with the chosen list).
 
-The reference code compares with ``>``; the definition used here (``>=``) differs only where
-``|tau_t| = lambda_t |tau_MTL - tau_t|`` exactly (e.g. ``tau_t = 0`` with ``tau_MTL = 0``,
-where the mask value does not change any weight).
+The official code (nik-dim/tall_masks, ``src/eval/aggregation.py``) builds BOTH the TALL masks
+and the Consensus-TIES vector with ``merge_func="dis-sum"`` (hard-coded; its configs'
+``ties_agg: sum`` only names the saved mask file).  The mean (TIES's own aggregation) gives a
+``tau_MTL`` of the size of one trimmed task vector instead of their sum, which changes the masks
+(``|tau_MTL - tau_t|``) as well as the merged vector; it is kept as ``ties_agg="mean"``.
+
+Where this differs from the official code, on purpose or by measure-zero ties:
+
+* the masks compare with ``>=`` where the official code has ``>``: they differ only where
+  ``|tau_t| = lambda_t |tau_MTL - tau_t|`` exactly, i.e. (for ``lambda_t > 0``) at
+  ``tau_t = tau_MTL = 0``, where the mask value changes no weight, or at exact floating-point ties;
+* a zero elected sum elects ``+``; the official code gives such entries the majority sign of the
+  whole vector.  Both give 0 where every trimmed entry is 0; they differ only where non-zero
+  trimmed entries cancel exactly.
 
 One keys-outer pass over column chunks (plus, for TIES, the task-outer pass that finds the
 exact global trim thresholds).
@@ -30,6 +53,7 @@ exact global trim thresholds).
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -42,19 +66,26 @@ from .task_vectors import (
     MergeInputs,
     StateDict,
     Workspace,
+    fill_abs_task_vector,
     finish,
     is_number,
+    kth_largest,
+    n_keep,
     prepare,
     scalar_coef,
     shrink_lambda,
     stream_blocks,
 )
-from .ties import check_k, global_thresholds, ties_block
+from .ties import check_k
+
+log = logging.getLogger(__name__)
 
 #: the paper's grid for each task's TALL-mask lambda (chosen per task on validation)
 tall_mask_lambda_grid: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6)
 
 BASES = ("task_arithmetic", "ties")
+#: disjoint aggregations of the TIES multi-task vector: the official code's ``dis-sum`` (default), TIES's ``dis-mean``
+TIES_AGGS = ("sum", "mean")
 
 
 def check_lambdas(lambdas: float | Sequence[float], n: int, method: str) -> list[float]:
@@ -91,11 +122,61 @@ def _check_base(base: str, method: str) -> str:
     return base
 
 
+def _check_agg(ties_agg: str, method: str) -> str:
+    if ties_agg not in TIES_AGGS:
+        raise ValueError(
+            f"{method}: ties_agg={ties_agg!r} must be 'sum' (the official code's dis-sum) or 'mean' (dis-mean)"
+        )
+    return ties_agg
+
+
+def official_trim_thresholds(inp: MergeInputs, k: float) -> list[float]:
+    """Per task, the ``(int(k * N) + 1)``-th largest ``|tau_t|`` over all ``N`` float entries (module doc).
+
+    The official ``topk_values_mask`` takes ``kthvalue(N - int(k * N))`` of ``|tau_t|`` (the
+    ``(N - int(k N))``-th smallest, i.e. the ``(int(k N) + 1)``-th largest) and keeps ``|tau_t| >=`` it.
+    """
+    total = inp.n_float
+    m = n_keep(k, total) + 1
+    buf = torch.empty(total, dtype=torch.float32)
+    thresholds = []
+    for t in range(inp.n):
+        thresholds.append(kth_largest(fill_abs_task_vector(inp, t, buf), m))
+    del buf
+    log.debug("TIES thresholds for tau_MTL (k=%s, the %d-th largest of %d): %s", k, m, total, thresholds)
+    return thresholds
+
+
+def ties_mtl_block(X: Tensor, shrinks: Sequence[float], agg: str, ws: Workspace) -> Tensor:
+    """TIES ``tau_MTL`` of an ``(n, c)`` block (``X`` trimmed and overwritten): trim by ``hardshrink``,
+    elect ``gamma = sign(sum)`` (``+`` for a zero sum), disjoint sum or mean of the agreeing entries.
+
+    Without bool tensors (slow on CPU): ``e = sign(sign(S) + 0.5)`` is the elected sign and
+    ``relu(e * X)`` the agreeing magnitudes; their number of non-zeros counts the agreeing tasks.
+    """
+    n, c = X.shape
+    for t, lmb in enumerate(shrinks):
+        if lmb == math.inf:
+            X[t].zero_()
+        elif lmb > 0.0:
+            torch.ops.aten.hardshrink.out(X[t], lmb, out=X[t])
+    S = torch.sum(X, 0, out=ws.get("S", c))
+    e = torch.sign(S, out=ws.get("e", c)).add_(0.5).sign_()
+    X.mul_(e).clamp_(min=0.0)  # |agreeing entries|, 0 elsewhere
+    num = torch.sum(X, 0, out=S)
+    if agg == "mean":
+        nz = torch.ne(X, 0.0, out=ws.block("nz", n, c))
+        cnt = torch.sum(nz, 0, out=ws.get("cnt", c)).clamp_(min=1.0)
+        num.div_(cnt)
+    return num.mul_(e)
+
+
 def _tall_pass(
     inp: MergeInputs,
     lambdas: Sequence[float],
     base: str,
     ties_k: float,
+    ties_agg: str,
     visit: Callable[[str, int, int, Tensor, Tensor, Tensor], None],
 ) -> None:
     """Keys-outer pass: ``visit(key, start, end, mtl, masks, pre32)`` with ``mtl`` the fp32 ``tau_MTL``
@@ -104,13 +185,15 @@ def _tall_pass(
     n = inp.n
     ws, ws_ties = Workspace(), Workspace()
     if base == "ties":
-        shrinks = [0.0] * n if ties_k >= 1.0 else [shrink_lambda(v) for v in global_thresholds(inp, ties_k)]
+        shrinks = (
+            [0.0] * n if ties_k >= 1.0 else [shrink_lambda(v) for v in official_trim_thresholds(inp, ties_k)]
+        )
 
     def block(X: Tensor, key: str, s: int, e: int, p32: Tensor) -> None:
         c = e - s
         if base == "ties":
             Y = ws_ties.block("Y", n, c).copy_(X)
-            mtl = ties_block(Y, shrinks, 1.0, ws_ties)  # a ws_ties view
+            mtl = ties_mtl_block(Y, shrinks, ties_agg, ws_ties)  # a ws_ties view
         else:
             mtl = torch.sum(X, 0, out=ws.get("mtl", c))
         M = ws.block("M", n, c, torch.bool)
@@ -132,6 +215,7 @@ def consensus_merging(
     base: str = "task_arithmetic",
     scaling_coef: float = 0.3,
     ties_k: float = 0.2,
+    ties_agg: str = "sum",
 ) -> dict[str, Tensor]:
     """Consensus merging: ``theta_0 + scaling_coef * (1[sum_t m_t >= k] * tau_MTL)`` (see module doc).
 
@@ -142,6 +226,8 @@ def consensus_merging(
         base: ``"task_arithmetic"`` (``tau_MTL = sum_t tau_t``) or ``"ties"`` (the TIES merged vector).
         scaling_coef: ``alpha``, one float (chosen on validation).
         ties_k: TIES's kept fraction of each task vector (paper's TIES: 0.2); only for ``base="ties"``.
+        ties_agg: ``"sum"`` (the official code's disjoint sum) or ``"mean"`` (TIES's disjoint mean) of the
+            agreeing trimmed entries; only for ``base="ties"``.
     """
     method = "consensus_merging"
     inp = prepare(pretrained, finetuned, method)
@@ -151,6 +237,7 @@ def consensus_merging(
     alpha = scalar_coef(scaling_coef, method)
     if base == "ties":
         check_k(ties_k, f"{method}(base='ties'): ties_k")
+        _check_agg(ties_agg, method)
     out: dict[str, Tensor] = {}
     outs_flat: dict[str, Tensor] = {}
     for key in inp.float_keys:
@@ -169,7 +256,7 @@ def consensus_merging(
         else:
             o.copy_(upd.add_(p32))
 
-    _tall_pass(inp, lams, base, float(ties_k), visit)
+    _tall_pass(inp, lams, base, float(ties_k), ties_agg, visit)
     return finish(inp, out)
 
 
@@ -179,12 +266,13 @@ def tall_masks(
     lambdas: float | Sequence[float] = 0.4,
     base: str = "task_arithmetic",
     ties_k: float = 0.2,
+    ties_agg: str = "sum",
 ) -> TaskSpecificMerge:
     """TALL masks: a :class:`TaskSpecificMerge` with shared ``tau_MTL`` and masks ``m_t`` (rescalers 1).
 
     Task ``t`` uses ``theta_0 + m_t * tau_MTL`` (:meth:`TaskSpecificMerge.task_weights`).  ``lambdas``:
     one float or one per task (choose each from :data:`tall_mask_lambda_grid` on that task's
-    validation split).  ``base`` / ``ties_k`` as in :func:`consensus_merging`.  Memory: the shared
+    validation split).  ``base`` / ``ties_k`` / ``ties_agg`` as in :func:`consensus_merging`.  Memory: the shared
     vector in fp32 (4 bytes/parameter) and one bool per parameter and task.
     """
     method = "tall_masks"
@@ -193,6 +281,7 @@ def tall_masks(
     lams = check_lambdas(lambdas, inp.n, method)
     if base == "ties":
         check_k(ties_k, f"{method}(base='ties'): ties_k")
+        _check_agg(ties_agg, method)
     shared = {key: torch.empty(inp.shapes[key], dtype=torch.float32) for key in inp.float_keys}
     masks = {key: torch.empty((inp.n, *inp.shapes[key]), dtype=torch.bool) for key in inp.float_keys}
 
@@ -200,13 +289,13 @@ def tall_masks(
         shared[key].view(-1)[s:e].copy_(mtl)
         masks[key].view(inp.n, -1)[:, s:e].copy_(M)
 
-    _tall_pass(inp, lams, base, float(ties_k), visit)
+    _tall_pass(inp, lams, base, float(ties_k), ties_agg, visit)
     return TaskSpecificMerge(
         pretrained=inp.pretrained,
         shared=shared,
         masks=masks,
         rescalers=[1.0] * inp.n,
-        method=f"tall_masks({base})",
+        method=f"tall_masks({base})" if base != "ties" else f"tall_masks(ties, dis-{ties_agg})",
         rescaler_bits=0,
         keys=list(inp.keys),
     )

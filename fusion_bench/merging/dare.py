@@ -9,6 +9,9 @@ and tasks (so masks can be regenerated instead of stored, e.g. for the two passe
 
 ``base="ties"``: TIES on the dropped vectors.  Its ``k`` defaults to 1.0 (no magnitude trim, DARE's
 random drop replaces it: the convention of peft's ``dare_ties`` and MergeKit); pass ``k < 1`` to trim too.
+The reference framework differs (FusionBench ``DareTiesMerging``, ``config/method/dare/ties_merging.yaml``):
+p=0.5, then a top-20% trim of each dropped vector over all its entries (``threshold: 20``, = ``k=0.2`` here),
+disjoint SUM (``merge_func: sum``; here the disjoint mean of ties.py, no sum option), lambda 0.5.
 """
 
 from __future__ import annotations

@@ -8,6 +8,15 @@ Per float key, with ``tau_t = theta_t - theta_0`` flattened over the key and ``k
 
 No hyper-parameters and no ``scaling_coef``.  Needs ``k >= 2``.
 
+More than two models.  The paper derives ``t`` for ``k`` models whose pairwise angles are all equal; its
+official code (naver-ai/model-stock, whose public tree holds only a README; the reference framework's
+implementation follows its notebook) merges two.  The mean pairwise cosine (``average="cosine"``, default)
+is what the norm of the mean of the unit task vectors depends on:
+``||mean_t u_t||^2 = (1 + (k - 1) cos) / k``.  The reference framework (FusionBench
+``method/model_stock/model_stock.py``, ``ModelStock.run``) averages the pairwise ANGLES instead
+(``average="angle"``: ``cos = cos(mean_{i<j} arccos(cos_ij))``, cosines clipped to [-1, 1]) and adds 1e-8 to
+the cosine's and the ratio's denominators (not here).  For ``k = 2`` the two agree.
+
 Undefined cases (documented choice): when any task vector of a key is zero, its cosine is
 undefined (e.g. a key one fine-tune froze); that key gets ``t = 0``, i.e. keeps ``theta_0``, like a
 key no fine-tune moved.  ``1 + (k - 1) cos >= 0`` always holds (``||sum_t u_t||^2 >= 0`` for the
@@ -31,8 +40,14 @@ from .task_vectors import StateDict, Workspace, prepare, stream_merge
 log = logging.getLogger(__name__)
 
 
-def model_stock_ratio(gram: Tensor) -> float:
-    """``t`` from the ``k x k`` Gram matrix of one key's task vectors (0 for the undefined cases)."""
+AVERAGES = ("cosine", "angle")
+
+
+def model_stock_ratio(gram: Tensor, average: str = "cosine") -> float:
+    """``t`` from the ``k x k`` Gram matrix of one key's task vectors (0 for the undefined cases).
+
+    ``average``: ``"cosine"`` (mean pairwise cosine) or ``"angle"`` (cosine of the mean pairwise angle).
+    """
     k = gram.shape[0]
     g = gram.double()
     sq = torch.diagonal(g)
@@ -41,15 +56,21 @@ def model_stock_ratio(gram: Tensor) -> float:
     norms = sq.sqrt()
     cos = g / torch.outer(norms, norms)
     iu = torch.triu_indices(k, k, offset=1)
-    c = float(cos[iu[0], iu[1]].mean())
+    pairs = cos[iu[0], iu[1]]
+    c = float(pairs.mean() if average == "cosine" else torch.cos(torch.arccos(pairs.clamp(-1.0, 1.0)).mean()))
     denom = 1.0 + (k - 1) * c
     if denom <= 0.0:
         return 0.0
     return k * c / denom
 
 
-def model_stock(pretrained: StateDict, finetuned: Sequence[StateDict]) -> dict[str, Tensor]:
-    """Model Stock per key: ``theta_0 + t * mean_t tau_t`` with ``t`` from the mean pairwise cosine."""
+def model_stock(
+    pretrained: StateDict, finetuned: Sequence[StateDict], average: str = "cosine"
+) -> dict[str, Tensor]:
+    """Model Stock per key: ``theta_0 + t * mean_t tau_t`` with ``t`` from the mean pairwise cosine
+    (``average="cosine"``) or the cosine of the mean pairwise angle (``average="angle"``, FusionBench's)."""
+    if average not in AVERAGES:
+        raise ValueError(f"model_stock: average={average!r} must be one of {AVERAGES}")
     inp = prepare(pretrained, finetuned, "model_stock")
     n = inp.n
     if n < 2:
@@ -61,7 +82,7 @@ def model_stock(pretrained: StateDict, finetuned: Sequence[StateDict]) -> dict[s
 
     def combine(X: Tensor, key: str, s: int, e: int, ws: Workspace) -> Tensor:
         G = torch.mm(X, X.t())
-        t = model_stock_ratio(G)
+        t = model_stock_ratio(G, average)
         ratios[key] = t
         w = torch.full((n,), t / n, dtype=torch.float32)
         return torch.mv(X.t(), w, out=ws.get("upd", e - s))

@@ -14,8 +14,10 @@ Every other floating key takes the mean of the fine-tuned weights; integer / boo
 ``pretrained``; the result has the pretrained dtypes.
 
 Choices of the reference code (bloomberg/dataless-model-merging, and FusionBench's port): ``a`` multiplies
-the off-diagonal entries only (diagonal kept); the Grams are averages (theirs over tokens, ours over samples:
-only their ratios between tasks matter); heads and other excluded keys take the plain mean.
+the off-diagonal entries only (diagonal kept); heads and other excluded keys take the plain mean.  The scale
+of each ``G_t`` is how much task ``t`` weighs, so the Grams must be normalised alike for every task: they are
+means of ``x x^T`` over the positions (tokens) each map reads, as in the references, padding excluded (see
+fusion_bench/statistics/grams.py); a mean over samples would weigh each task by its sequence length.
 """
 
 from __future__ import annotations

@@ -1,15 +1,37 @@
 r"""WUDI merging (Cheng et al., "Whoever Started the Interference Should End It: Guiding Data-Free
 Model Merging via Task Vectors", ICML 2025).
 
-Definition, per 2-D float key: minimise
+Definition, per optimised 2-D float key: minimise
 
     L(m) = sum_t ||(m - tau_t) tau_t^T||_F^2 / ||tau_t||_F^2
 
 with Adam (the paper: lr 1e-5, 300 steps, default betas (0.9, 0.999), eps 1e-8) from
 ``m = sum_t tau_t``; ``theta = theta_0 + alpha * m`` (``alpha = scaling_coef = 1``).
-Every other float key: ``theta_0 + alpha * mean_t tau_t``.  A task whose task vector is zero on a
-key contributes nothing to that key's loss (the limit of its term; the reference code would
-divide by zero).
+A task whose task vector is zero on a key contributes nothing to that key's loss (the limit of its
+term; the reference code would divide by zero).
+
+Which keys (``keys``)
+---------------------
+* ``keys="official"`` (default): the linear maps of the transformer blocks only, every other key
+  stays at ``theta_0`` (task vectors of norms, biases, embeddings, ``proj`` are dropped).  This is
+  the official ViT code (nathanielyvo/WUDI-Merging, ``vit/wudi_main.py``, ``decompose_task_vectors``):
+  it optimises the keys whose name contains ``attn.in_proj_weight``, ``attn.out_proj.weight``,
+  ``mlp.c_fc.weight`` or ``mlp.c_proj.weight`` (open_clip's residual blocks) and
+  ``TaskVector.apply_to`` loads only those with ``strict=False``, so every other key keeps its
+  pretrained value.  It is the default because it is what produced the paper's CLIP tables (the
+  paper's loss is derived for linear layers: their task vectors span the layer's inputs).
+  For T5 (no official T5 code exists) ``official`` means the same thing, the linear maps of every
+  block: ``SelfAttention`` / ``EncDecAttention`` ``q, k, v, o`` and ``DenseReluDense`` ``wi``
+  (``wi_0, wi_1``), ``wo``; embeddings (``shared``, ``embed_tokens``, ``lm_head``),
+  ``relative_attention_bias`` and layer norms stay at ``theta_0`` (the paper's RoBERTa script
+  likewise excludes embeddings, LayerNorms, biases and heads).  A merge space without any of these
+  keys (LoRA adapters: ``finetune=l_lora``, ``finetune.task_vector=adapters``) is refused with a
+  message naming ``keys="all_2d"``.
+* ``keys="all_2d"``: every 2-D float key (``positional_embedding`` and ``proj`` included) is
+  optimised and every other float key takes ``theta_0 + alpha * mean_t tau_t``: the reference
+  framework's behaviour (FusionBench), not the paper's code.
+
+Non-float keys are copied from ``theta_0`` either way.
 
 Fast exact form
 ---------------
@@ -33,7 +55,7 @@ Wide keys with few tasks: when ``2 T rows < cols``, ``m A = (m S^T) S`` with
 the loss multiplies by ``tau_t^T`` on the right only, and Adam's elementwise steps forbid a change
 of basis.  (The exact minimiser ``B A^{-1}`` exists, but the paper does not use it.)
 
-The loss before and after and ``||m - m_0|| / ||m_0||`` (over all 2-D keys) are logged (INFO).
+The loss before and after and ``||m - m_0|| / ||m_0||`` (over all optimised keys) are logged (INFO).
 """
 
 from __future__ import annotations
@@ -41,20 +63,31 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from rich.progress import track
 from torch import Tensor
 
-from .spectral import merge_2d_keys
-from .task_vectors import StateDict, is_number, prepare, scalar_coef
+from .task_vectors import PROGRESS_MIN_NUMEL, MergeInputs, StateDict, finish, is_number, prepare, scalar_coef
 
 log = logging.getLogger(__name__)
 
 #: entries of ``m`` per row block of the Adam loop (measured: 1M entries is within 10% of the best
 #: block for every ViT-B/32 shape; much smaller blocks starve the matrix product)
 BLOCK_ELEMS = 1 << 20
+
+#: what ``keys`` may be (module doc)
+KEY_SETS = ("official", "all_2d")
+#: ``keys="official"`` for open_clip: the substrings the official ViT code selects keys by (``vit/wudi_main.py``)
+OFFICIAL_CLIP_NAMES = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+#: ``keys="official"`` for T5 (Hugging Face names): the linear maps of every encoder and decoder block
+OFFICIAL_T5_NAME = re.compile(
+    r"(^|\.)block\.\d+\.layer\.\d+\."
+    r"(SelfAttention\.[qkvo]|EncDecAttention\.[qkvo]|DenseReluDense\.(wi|wi_0|wi_1|wo))\.weight$"
+)
 
 
 @dataclass
@@ -196,6 +229,39 @@ def _check_args(lr, iterations, betas, eps) -> tuple[float, int, tuple[float, fl
     return float(lr), int(iterations), (b1, b2), float(eps)
 
 
+def is_official_key(name: str) -> bool:
+    """Whether ``keys="official"`` optimises the key ``name`` (an open_clip or T5 block linear map)."""
+    return any(s in name for s in OFFICIAL_CLIP_NAMES) or OFFICIAL_T5_NAME.search(name) is not None
+
+
+def wudi_keys(inp: MergeInputs, keys: str) -> list[str]:
+    """The float keys WUDI optimises (module doc), in pretrained order; refuses an empty ``official`` set."""
+    method = "wudi_merging"
+    if keys not in KEY_SETS:
+        raise ValueError(
+            f"{method}: keys={keys!r} must be 'official' (the official code: the transformer blocks' linear maps, "
+            f"every other key at theta_0) or 'all_2d' (every 2-D key, the other float keys averaged)"
+        )
+    two_d = [k for k in inp.float_keys if len(inp.shapes[k]) == 2]
+    if keys == "all_2d":
+        return two_d
+    chosen = [k for k in inp.float_keys if is_official_key(k)]
+    bad = [k for k in chosen if len(inp.shapes[k]) != 2]
+    if bad:
+        raise ValueError(
+            f"{method}: keys='official' selects {bad[:3]} by name, but they are not 2-D "
+            f"(shapes {[tuple(inp.shapes[k]) for k in bad[:3]]}); pass keys='all_2d' (method.keys=all_2d)"
+        )
+    if not chosen:
+        raise ValueError(
+            f"{method}: keys='official' selects none of the {len(two_d)} 2-D keys of this merge space "
+            f"(e.g. {two_d[:3]}): it optimises only transformer-block linear maps named like open_clip's "
+            f"{list(OFFICIAL_CLIP_NAMES)} or T5's '...SelfAttention.q.weight', '...DenseReluDense.wo.weight' "
+            f"(LoRA adapters are neither); pass keys='all_2d' (method.keys=all_2d) to optimise every 2-D key"
+        )
+    return chosen
+
+
 def wudi_merging(
     pretrained: StateDict,
     finetuned: Sequence[StateDict],
@@ -204,21 +270,45 @@ def wudi_merging(
     iterations: int = 300,
     betas: Sequence[float] = (0.9, 0.999),
     eps: float = 1e-8,
+    keys: str = "official",
 ) -> dict[str, Tensor]:
-    """WUDI (module doc): per 2-D key, Adam on ``sum_t ||(m - tau_t) tau_t^T||^2 / ||tau_t||^2``
-    from ``m = sum_t tau_t``; ``theta_0 + scaling_coef * m``."""
+    """WUDI (module doc): per optimised 2-D key, Adam on ``sum_t ||(m - tau_t) tau_t^T||^2 / ||tau_t||^2``
+    from ``m = sum_t tau_t``; ``theta_0 + scaling_coef * m``.
+
+    ``keys="official"``: the transformer blocks' linear maps are optimised, every other key stays at
+    ``theta_0`` (the official code); ``keys="all_2d"``: every 2-D key, the other float keys
+    ``theta_0 + scaling_coef * mean_t tau_t``.
+    """
     inp = prepare(pretrained, finetuned, "wudi_merging")
     alpha = scalar_coef(scaling_coef, "wudi_merging")
     lr, iterations, betas_, eps = _check_args(lr, iterations, betas, eps)
+    optimised = set(wudi_keys(inp, keys))
     stats: list[WUDIStats] = []
-
-    def two_d(taus: list[Tensor], key: str) -> Tensor:
-        m, st = wudi_optimise(taus, lr, iterations, betas_, eps)
-        log.debug("wudi_merging: %s loss %.6g -> %.6g", key, st.loss_before, st.loss_after)
-        stats.append(st)
-        return m
-
-    out = merge_2d_keys(inp, alpha, two_d, "WUDI")
+    out: dict[str, Tensor] = {}
+    big = inp.n_float >= PROGRESS_MIN_NUMEL
+    for key in track(inp.float_keys, description="WUDI", transient=True, disable=not big):
+        if inp.numels[key] == 0 or (keys == "official" and key not in optimised):
+            continue  # finish() copies theta_0
+        pre32 = inp.pretrained[key].to(torch.float32)
+        taus = [torch.sub(ft[key], pre32).to(torch.float32) for ft in inp.finetuned]
+        if key in optimised:
+            upd, st = wudi_optimise(taus, lr, iterations, betas_, eps)
+            log.debug("wudi_merging: %s loss %.6g -> %.6g", key, st.loss_before, st.loss_after)
+            stats.append(st)
+        else:  # keys="all_2d": the mean of the task vectors
+            upd = taus[0].clone()
+            for t in taus[1:]:
+                upd.add_(t)
+            upd.div_(len(taus))
+        del taus
+        out[key] = torch.add(pre32, upd, alpha=alpha).to(inp.dtypes[key])
+        del upd, pre32
+    if keys == "official":
+        log.info(
+            "wudi_merging: keys=official: %d block linear maps optimised, %d other float keys left at theta_0",
+            len(optimised),
+            len(inp.float_keys) - len(optimised),
+        )
     if stats:
         before = sum(s.loss_before for s in stats)
         after = sum(s.loss_after for s in stats)
@@ -234,4 +324,4 @@ def wudi_merging(
             after,
             math.sqrt(moved / start) if start > 0 else math.nan,
         )
-    return out
+    return finish(inp, out)

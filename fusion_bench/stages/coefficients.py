@@ -32,7 +32,7 @@ def search_scaling_coef(fam: ModelFamily, method: Method, finetuned: list[dict],
 def choose_tall_lambdas(fam: ModelFamily, method: Method, finetuned: list[dict]) -> list[float]:
     """TALL's lambda_t for each task: of tall_mask_lambda_grid, the one whose mask gives task t the best val
     accuracy of theta_0 + m_t * tau_MTL (Wang et al. 2024); ties go to the smaller lambda."""
-    base = {k: method.cfg[k] for k in ("base", "ties_k") if k in method.cfg}
+    base = {k: method.cfg[k] for k in ("base", "ties_k", "ties_agg") if k in method.cfg}
     lin = method.evaluate_linearized
     val = {lam: merged_accuracies(fam, tall_masks(fam.pretrained_state, finetuned, lambdas=lam, **base), "val",
                                   linearized=lin)

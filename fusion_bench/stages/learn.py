@@ -6,7 +6,9 @@ data, beside the grid search on val (`coefficients=grid`, the default; fusion_be
   `split: val` as an option). Over task arithmetic's task vectors = AdaMerging; over TIES-trimmed,
   sign-resolved ones (`method=ties`) = AdaMerging++.
 - lorahub (Huang et al., 2023): one weight per LoRA fine-tune, searched gradient-free on a few labelled val
-  examples per task; A and B combined separately.
+  examples per task; A and B combined separately, key by key, around an origin at which the model is the
+  pretrained one (w = 0): the zero adapter for zero-B inits (the reference's sum_t w_t phi_t), the shared init
+  phi_0 for finetune.init=compensated (phi_0 + sum_t w_t (phi_t - phi_0)); see fusion_bench/merging/lorahub.py.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch.utils._pytree import tree_map
 
 from fusion_bench.families.base import ModelFamily
 from fusion_bench.merging.adamerging import adamerging, ties_task_vectors
-from fusion_bench.merging.lorahub import lorahub
+from fusion_bench.merging.lorahub import lorahub, lorahub_origin
 from fusion_bench.reporting import plots
 from fusion_bench.stages.merge import Method
 
@@ -89,7 +91,9 @@ def _adamerging(fam, method, c, finetuned, tasks, run_dir):
     streams = [_Stream(fam, t, split, bs, int(c.seed) + i, device) for i, t in enumerate(tasks)]
     res = adamerging(pre32, tvs, lambda w, t, x: fam.logits_at(encoder, w, tasks[t], x),
                      lambda step, t: streams[t].next(), layer_wise=bool(c.layer_wise), steps=int(c.steps),
-                     lr=float(c.lr), init=float(c.init), keys=float_keys, progress=True)
+                     lr=float(c.lr), init=float(c.init), keys=float_keys, progress=True,
+                     batches_per_task=int(c.get("batches_per_task", 2)),
+                     clamp_in_forward=bool(c.get("clamp_in_forward", True)))
     merged = {k: v.cpu() for k, v in res.weights(pre, tvs).items()}
     coefs = res.coefs.tolist()
     if res.layer_wise:
@@ -97,7 +101,8 @@ def _adamerging(fam, method, c, finetuned, tasks, run_dir):
                      f"AdaMerging coefficients ({method.name}, finetune={fam.mode})",
                      "parameter tensor (encoder order)", "learnt coefficient", run_dir / "coefficients.png")
     info = {"strategy": "adamerging", "inputs": f"{split} split, no labels", "layer_wise": res.layer_wise,
-            "steps": int(c.steps), "entropy_first": res.entropy[0] if res.entropy else None,
+            "steps": int(c.steps), "batches_per_task": int(c.get("batches_per_task", 2)),
+            "entropy_first": res.entropy[0] if res.entropy else None,
             "entropy_last": res.entropy[-1] if res.entropy else None, "keys": res.keys if res.layer_wise else None,
             "coefficients": dict(zip(tasks, coefs))}
     return merged, info
@@ -129,8 +134,10 @@ def _lorahub(fam, c, finetuned, tasks):
         model = fam.model_with(adapters).to(device)
         return sum(float(fam.loss(model, t, examples[t])) for t in tasks) / len(tasks)
 
-    res = lorahub(finetuned, loss, budget=int(c.budget), bound=float(c.bound), l1=float(c.l1), seed=int(c.seed),
-                  progress=True)
+    origin = lorahub_origin(fam.pretrained_state)  # w = 0 is the pretrained model for every LoRA init
+    res = lorahub(finetuned, loss, origin=origin, budget=int(c.budget), bound=float(c.bound), l1=float(c.l1),
+                  seed=int(c.seed), progress=True)
     info = {"strategy": "lorahub", "inputs": f"{n} labelled val examples per task", "budget": int(c.budget),
+            "origin": "zero adapter" if origin is None else "phi_0 (the adapters' init)",
             "weights": dict(zip(tasks, res.weights)), "objective": res.objective, "loss": res.loss}
     return res.adapters, info

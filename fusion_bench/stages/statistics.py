@@ -7,7 +7,8 @@ kept in the checkpoint store next to the fine-tune, for the merges that weigh ta
 | fisher                 | diagonal Fisher of every merged parameter (statistics/fisher.py) | fisher_merging |
 
 A statistic's file is `<fine-tune>.stat-<kind>-<hash>.safetensors`, keyed by the fine-tune (its path), the
-statistic, the number of samples, the seed, the Fisher's target and the fine-tuning mode; written atomically,
+statistic, the number of samples, the seed, the Fisher's target, the Grams' definition (`GRAMS_VERSION`, see
+fusion_bench/statistics/grams.py) and the fine-tuning mode; written atomically,
 loaded without pickle, and reused by every later merge and sweep.
 """
 
@@ -27,6 +28,7 @@ from fusion_bench.families.base import ModelFamily
 from fusion_bench.reporting.memory import release
 from fusion_bench.stages.finetune import finetuned_state
 from fusion_bench.stages.merge import Method
+from fusion_bench.statistics.grams import GRAMS_VERSION
 from fusion_bench.store import CheckpointError, atomic_save_safetensors, config_hash
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,8 @@ def path(fam: ModelFamily, task: str, s: dict) -> Path:
     fields = {k: s[k] for k in ("kind", "num_samples", "seed")}
     if s["kind"] == "fisher":
         fields["target"] = s["target"]
+    if s["kind"] == "gram":  # Grams of another definition (per sample, padding counted) are never reused
+        fields["gram_version"] = GRAMS_VERSION
     h = config_hash({**fields, "finetune": keys.resolved(fam.mode_cfg)})
     return fam.checkpoint(task).with_suffix(f".stat-{s['kind']}-{h}.safetensors")
 

@@ -1,8 +1,34 @@
 """Input Gram matrices of every linear map of a model (the statistics RegMean needs).
 
-For a linear map ``y = W x`` (``W``: ``[out, in]``) the Gram is ``G = (1/N) sum x x^T`` over every
-token / position of every one of the ``N`` samples, fp32, ``[in, in]``, keyed by the weight's name in
-``model.named_parameters()``.  Linear maps found:
+For a linear map ``y = W x`` (``W``: ``[out, in]``) the Gram is the mean of ``x x^T`` over the positions counted
+for that map::
+
+    G = (1 / P) sum_{p counted} x_p x_p^T          fp32, [in, in], keyed by the weight's name
+
+where a *position* is one row of the map's input flattened to ``[-1, in]`` (one token of one sample: a ViT block
+sees ``N * tokens`` rows, open_clip's ``proj`` sees ``N`` pooled rows) and ``P`` is the number of positions counted
+**for that map** over all batches (not the number of samples ``N``).  Which positions count:
+
+- by default every row that enters the map.  This is what both references count: bloomberg/dataless-model-merging
+  (``MyModelTrainer.compute_grams`` in src/model_merge/local_trainer.py) and the reference framework
+  tanganke/fusion_bench (the hook of ``regmean_merging`` in fusion_bench/method/regmean/regmean.py) reshape the
+  input to ``[-1, in]`` and keep the running mean ``sum x x^T / rows`` per module;
+- with ``positions``, only the rows its boolean mask marks.  The model families of padded sequences pass one that
+  drops padding (T5: encoder positions with ``attention_mask == 0``, decoder positions whose label is -100; see
+  fusion_bench/t5/family.py).  This departs from the references, whose padded batches also count the pad
+  positions: with padding to the longest sequence of a batch, a task's Gram would then depend on how its
+  examples were batched, and a padded position is no input of any example.
+
+Why per position and not per sample: RegMean solves ``min_W sum_t ||X_t W^T - X_t W_t^T||^2`` with ``G_t`` in
+place of ``X_t^T X_t``, so the *scale* of ``G_t`` is how much task ``t`` weighs in the merge.  Divided by the
+number of samples, ``G_t`` grows with the task's (padded) sequence length: a task of 40-token inputs would weigh
+5x a task of 8-token inputs.  Divided by the positions counted, every task weighs by the second moment of its
+inputs.  For CLIP every image has the same number of tokens (50 at ViT-B/32, 257 at ViT-L/14), so per position
+and per sample differ by one constant factor common to all tasks of a layer, and RegMean's merge is the same
+(up to float rounding).  Versions (:data:`GRAMS_VERSION`, part of a stored statistic's key): 1 divided by the
+number of samples with padding counted; 2 is the definition above.
+
+Linear maps found:
 
 - every ``nn.Linear`` (its input, flattened to ``[-1, in]``), except the ``out_proj`` of an
   ``nn.MultiheadAttention``: MHA applies it through its weight inside ``F.multi_head_attention_forward``,
@@ -80,6 +106,13 @@ _BARE = (
 )
 
 
+#: what a Gram holds (module doc): 1 = sum x x^T / samples, padding counted; 2 = mean over counted positions
+GRAMS_VERSION = 2
+
+#: ``positions(key, batch)``: boolean mask over the leading dims of ``key``'s input (its rows that count), or None
+Positions = Callable[[str, Any], Tensor | None]
+
+
 def input_grams(
     model: nn.Module,
     batches: Iterable,
@@ -87,14 +120,19 @@ def input_grams(
     size: Callable[[Any], int] = lambda b: b.shape[0],
     keys: Collection[str] | None = None,
     progress: bool = False,
+    positions: Positions | None = None,
 ) -> tuple[dict[str, Tensor], int]:
-    """``({weight key: (1/N) sum x x^T}, N)`` over ``forward(model, batch)`` for every batch.
+    """``({weight key: (1/P) sum x x^T over the P positions counted for that map}, N)`` over
+    ``forward(model, batch)`` for every batch (module doc).
 
-    ``size(batch)`` is the number of samples in a batch (``N`` is their sum); for ``(images, labels)``
-    batches pass ``forward=lambda m, b: m(b[0])`` and ``size=lambda b: len(b[0])``.  ``keys`` restricts the
-    weights (default: every linear map found, see the module docstring); a linear map the forward never
-    reaches gets no Gram (an error when ``keys`` asked for it).  The model runs under ``torch.no_grad`` in
-    eval mode; hooks are removed and training flags restored afterwards, also on error.
+    ``size(batch)`` is the number of samples in a batch (``N`` is their sum; it does not scale the Grams); for
+    ``(images, labels)`` batches pass ``forward=lambda m, b: m(b[0])`` and ``size=lambda b: len(b[0])``.
+    ``positions(key, batch)`` marks the rows of ``key``'s input that count: a boolean tensor of the input's
+    shape without its last dimension (e.g. ``[B, L]`` for a ``[B, L, in]`` input), or None for all of them;
+    without ``positions`` every row counts.  ``keys`` restricts the weights (default: every linear map found,
+    see the module docstring); a linear map the forward never reaches gets no Gram (an error when ``keys``
+    asked for it), a map reached with no position counted is an error.  The model runs under
+    ``torch.no_grad`` in eval mode; hooks are removed and training flags restored afterwards, also on error.
     """
     targets = _linear_maps(model)
     if keys is not None:
@@ -107,11 +145,24 @@ def input_grams(
         targets = {k: targets[k] for k in targets if k in set(keys)}
     key_of = {(id(m), role): k for k, (m, role) in targets.items()}
     grams: dict[str, Tensor] = {}
+    counted: dict[str, int] = {}
+    batch: list[Any] = [None]  # the batch being run, for `positions`
 
     def add(key: str | None, x: Tensor) -> None:
         if key is None:
             return
-        x = x.detach().reshape(-1, x.shape[-1]).float()
+        x = x.detach()
+        mask = positions(key, batch[0]) if positions is not None else None
+        if mask is not None:
+            if tuple(mask.shape) != tuple(x.shape[:-1]) or mask.dtype != torch.bool:
+                raise ValueError(
+                    f"input_grams: positions({key!r}, batch) gave a {mask.dtype} mask of shape "
+                    f"{tuple(mask.shape)}, but the map's input is {tuple(x.shape)}: it must be a bool "
+                    f"tensor of shape {tuple(x.shape[:-1])} (which sequence does {key!r} read?)"
+                )
+            x = x[mask.to(x.device)]
+        x = x.reshape(-1, x.shape[-1]).float()
+        counted[key] = counted.get(key, 0) + x.shape[0]
         if key in grams:
             grams[key].addmm_(x.T, x)
         else:
@@ -166,9 +217,10 @@ def input_grams(
                 handles.append(m.register_forward_pre_hook(proj_pre_hook))
                 handles.append(m.register_forward_hook(proj_hook))
         with eval_mode(model), torch.no_grad():
-            for batch in track(batches, description="input Grams", transient=True, disable=not progress):
-                forward(model, batch)
-                n += int(size(batch))
+            for b in track(batches, description="input Grams", transient=True, disable=not progress):
+                batch[0] = b
+                forward(model, b)
+                n += int(size(b))
     finally:
         for h in handles:
             h.remove()
@@ -183,4 +235,10 @@ def input_grams(
         )
     if missing:
         log.info("input_grams: %d linear maps not reached by the forward get no Gram", len(missing))
-    return {k: grams[k].div_(n) for k in targets if k in grams}, n
+    empty = [k for k in targets if counted.get(k, -1) == 0]
+    if empty:
+        raise ValueError(
+            f"input_grams: `positions` counted no position of the input of {empty[0]!r} in any batch; "
+            "its Gram would be 0/0 (check the masks, e.g. all-padding batches)"
+        )
+    return {k: grams[k].div_(counted[k]) for k in targets if k in grams}, n

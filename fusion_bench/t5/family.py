@@ -14,6 +14,7 @@ LoRA targets `model.lora_target` (every SelfAttention / EncDecAttention q and v)
 from __future__ import annotations
 
 import logging
+import re
 from functools import cached_property
 from pathlib import Path
 
@@ -140,9 +141,10 @@ class T5Family(ModelFamily):
         return out
 
     def grams(self, model: nn.Module, batches: list) -> dict[str, torch.Tensor]:
-        """Every position's input counts, padding included, as RegMean's T5 code does."""
+        """Mean of x x^T over the real (non-padding) tokens each linear map reads (`gram_positions`): a task's
+        Gram does not depend on its sequence lengths nor on how its examples are batched and padded."""
         return input_grams(model, batches, forward=lambda m, b: m(**b[0]),
-                           size=lambda b: b[0]["input_ids"].shape[0])[0]
+                           size=lambda b: b[0]["input_ids"].shape[0], positions=gram_positions)[0]
 
     def fisher(self, model: nn.Module, task: str, batches: list, target: str, seed: int,
                keys: list[str]) -> dict[str, torch.Tensor]:
@@ -156,6 +158,20 @@ class T5Family(ModelFamily):
     def train(self, task: str, module: nn.Module, work_dir: Path) -> float:
         return finetune_t5(module, self.collator(), self.tasks[task].split("train"), self.cfg.model.train,
                            self.cfg.trainer, self.cfg.seed, work_dir)
+
+
+_READS_ENCODER = re.compile(r"(^|\.)(encoder\.|EncDecAttention\.[kv]\.weight$)")
+
+
+def gram_positions(key: str, batch: tuple[dict[str, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The positions of a collated batch that count in the Gram of weight `key` (RegMean): the encoder's real
+    tokens (`attention_mask == 1`) for every encoder map and the cross-attention k / v (which read the encoder's
+    output); the decoder positions with a target token (`labels != -100`; the decoder input there is the start
+    token or a target token, never one after EOS) for every other decoder map and `lm_head`. Padding is excluded:
+    masked in the encoder's attention and after the target in the causal decoder, it changes no real position's
+    input, so the Gram is that of the examples themselves, however they are padded."""
+    x, labels = batch
+    return x["attention_mask"].bool() if _READS_ENCODER.search(key) else labels != -100
 
 
 def _target_log_likelihood(model: nn.Module, x: dict, labels: torch.Tensor) -> torch.Tensor:
