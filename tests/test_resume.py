@@ -1,17 +1,23 @@
 """A fine-tune interrupted mid-run resumes from its last checkpoint and ends with the same weights."""
 
 import functools
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from fusion_bench.data.tiny_eight import SPLIT_SIZES
 from fusion_bench.families import build_family
 from fusion_bench.finetune import train
-from fusion_bench.finetune.sampler import SeededAugmentation, StepBatchSampler
+from fusion_bench.finetune.sampler import SeededAugmentation, StepBatchSampler, StepDataLoader
 from fusion_bench.stages.finetune import ensure_finetuned
 from fusion_bench.store import load_safetensors
+
+ROOT = Path(__file__).resolve().parent.parent
 
 FAST = ["taskpool.tasks=[colors]", "model.train.steps=16", "model.train.warmup_steps=2",
         "model.train.batch_size=16", "model.train.checkpoint_every=5", "stage=finetune"]
@@ -29,6 +35,24 @@ def test_step_sampler_is_a_function_of_the_step():
     assert len(full) == 20 and all(len(b) == 8 for b in full)
     epoch0 = sorted(i for b in full[:6] for i in b)
     assert len(set(epoch0)) == 48  # no sample twice within an epoch
+
+
+def test_step_loader_starts_every_pass_at_the_trainers_step():
+    """Lightning sees one epoch of max_steps batches whatever step it resumes at, and each pass over the loader
+    (the first after a resume, or one Lightning starts after what it takes for an epoch end) begins with the batch
+    of the trainer's current step, not with the sampler's own position."""
+    full = list(StepBatchSampler(50, 8, seed=3, max_steps=20))
+    step = 0
+    loader = StepDataLoader(list(range(50)), StepBatchSampler(50, 8, seed=3, max_steps=20), step=lambda: step)
+    assert len(loader) == 20 and [b.tolist() for b in loader] == full
+    step = 7
+    assert len(loader) == 20 and [b.tolist() for b in loader] == full[7:]
+    state = loader.state_dict()
+    assert state == {"step": 7, "n": 50, "batch_size": 8, "seed": 3, "max_steps": 20}
+    loader.load_state_dict(state)
+    for wrong in ({"seed": 4}, {"batch_size": 10}, {"step": 5}):
+        with pytest.raises(ValueError, match="data order.*delete the checkpoint's `.partial` directory"):
+            loader.load_state_dict({**state, **wrong})
 
 
 class _Augmented(torch.utils.data.Dataset):
@@ -132,3 +156,76 @@ def test_checkpoint_is_written_to_its_file_atomically_not_through_memory(tmp_pat
     assert torch.load(path)["global_step"] == 5
     torch.testing.assert_close(torch.load(path)["w"], torch.arange(4.0), rtol=0, atol=0)
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no temporary file left behind
+
+
+# run.py in a process that SIGKILLs itself, half-way through step `argv[1]` (after its backward pass, before the
+# optimizer step): a real fine-tune killed at a known point, with no chance to clean up.
+KILLED_RUN = """
+import functools, os, runpy, signal, sys
+from lightning.pytorch.callbacks import Callback
+import fusion_bench.families.clip as clip
+from fusion_bench.finetune import train
+
+class KillAt(Callback):
+    def __init__(self, step):
+        self.step = step
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+clip.finetune = functools.partial(train.finetune, callbacks=[KillAt(int(sys.argv.pop(1)))])
+runpy.run_path("run.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_sigkilled_finetune_resumes_bitwise_across_epoch_boundaries(tmp_path, data_dir):
+    """Issue 34: killed fine-tunes resumed to weights up to 8.3e-4 away from an uninterrupted run, once the resumed
+    run got past step max_steps - s (its loader had max_steps - s batches; Lightning, which restores its batch
+    index s, took the end of them for an epoch end and started the loader again at s). Here one fine-tune of
+    60 steps is SIGKILLed at steps 15, 27 and 55 (checkpoints at 10, 20 and 50; 27 and 55 are one step before an
+    epoch boundary of the sampler, so the runs resumed at 20 and 50 cross one; the run resumed at 20 gets past
+    step 40, where the old loader ran out), the last resume with DataLoader workers: the end result is bitwise the
+    uninterrupted run's, in the same store file."""
+    per_epoch = SPLIT_SIZES["train"] // 64  # colors: 28 batches of 64 per epoch
+    steps, every = 2 * per_epoch + 4, 10
+    args = ["taskpool.tasks=[colors]", "stage=finetune", f"model.train.steps={steps}", "model.train.warmup_steps=5",
+            f"model.train.checkpoint_every={every}", f"paths.data={data_dir}"]
+
+    def command(root: Path, *extra: str) -> list[str]:
+        return [*extra, f"paths.root={root}", *args]
+
+    with open(tmp_path / "reference.log", "w") as out:  # the uninterrupted run, beside the killed ones
+        straight = subprocess.Popen([sys.executable, "run.py", *command(tmp_path / "straight")], cwd=ROOT,
+                                    stdout=out, stderr=subprocess.STDOUT)
+    store = tmp_path / "killed/store/tiny_clip/standard/colors"
+    resumed_at = None
+    for kill_at in (15, per_epoch - 1, 2 * per_epoch - 1, None):  # checkpoints at 10, 20, 50
+        extra = ["+taskpool.num_workers=2"] if kill_at is None else []
+        cmd = ["-c", KILLED_RUN, str(kill_at)] if kill_at is not None else ["run.py"]
+        done = subprocess.run([sys.executable, *cmd, *command(tmp_path / "killed", *extra)], check=False,
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        if resumed_at is not None:
+            assert f"resuming from {store}" in done.stderr + done.stdout
+            assert "not resumable" not in done.stderr + done.stdout  # Lightning's warning for a resume mid-epoch
+        if kill_at is None:
+            assert done.returncode == 0, done.stderr[-3000:]
+            break
+        assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+        [last] = store.glob("*.partial/checkpoints/last.ckpt")
+        ckpt = torch.load(last, weights_only=False, map_location="cpu")
+        resumed_at = kill_at // every * every
+        assert ckpt["global_step"] == resumed_at
+        [loader_state] = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+        assert loader_state == {"step": resumed_at, "n": SPLIT_SIZES["train"], "batch_size": 64, "seed": 0,
+                                "max_steps": steps}
+        assert not list(store.glob("*.safetensors"))
+    assert straight.wait(timeout=300) == 0, (tmp_path / "reference.log").read_text()[-3000:]
+
+    [reference_file] = (tmp_path / "straight/store/tiny_clip/standard/colors").glob("*.safetensors")
+    [resumed_file] = store.glob("*.safetensors")
+    assert resumed_file.name == reference_file.name  # the same cache key
+    reference, resumed = load_safetensors(reference_file), load_safetensors(resumed_file)
+    assert resumed.keys() == reference.keys()
+    for k in reference:
+        assert torch.equal(resumed[k], reference[k]), k

@@ -11,7 +11,7 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from fusion_bench.finetune.sampler import SeededAugmentation, StepBatchSampler
+from fusion_bench.finetune.sampler import SeededAugmentation, StepBatchSampler, StepDataLoader
 from fusion_bench.models.clip import ImageClassifier
 
 
@@ -37,12 +37,16 @@ class ClassifierFinetune(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
 
     def train_dataloader(self) -> DataLoader:
-        # called after a checkpoint is restored, so global_step is where a resumed run continues
+        # every pass starts at the trainer's global step: where a resumed run continues (StepDataLoader)
         sampler = StepBatchSampler(len(self.train_set), self.batch_size, self.seed, self.max_steps,
-                                   start_step=self.trainer.global_step, with_seeds=True)
-        return DataLoader(SeededAugmentation(self.train_set), batch_sampler=sampler, num_workers=self.num_workers,
-                          pin_memory=isinstance(self.trainer.accelerator, CUDAAccelerator),
-                          persistent_workers=self.num_workers > 0)
+                                   with_seeds=True)
+        return StepDataLoader(SeededAugmentation(self.train_set), sampler, step=self._global_step,
+                              num_workers=self.num_workers,
+                              pin_memory=isinstance(self.trainer.accelerator, CUDAAccelerator),
+                              persistent_workers=self.num_workers > 0)
+
+    def _global_step(self) -> int:
+        return self.trainer.global_step
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.classifier(images)

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fusion_bench.finetune.module import cosine_with_warmup
-from fusion_bench.finetune.sampler import StepBatchSampler
+from fusion_bench.finetune.sampler import StepBatchSampler, StepDataLoader
 from fusion_bench.finetune.train import fit_resumable
 from fusion_bench.t5.glue import Example
 from fusion_bench.t5.model import decoder_inputs
@@ -54,10 +54,12 @@ class Seq2SeqFinetune(L.LightningModule):
         self.batch_size, self.seed = batch_size, seed
 
     def train_dataloader(self) -> DataLoader:
-        # called after a checkpoint is restored, so global_step is where a resumed run continues
-        sampler = StepBatchSampler(len(self.train_set), self.batch_size, self.seed, self.max_steps,
-                                   start_step=self.trainer.global_step)
-        return DataLoader(self.train_set, batch_sampler=sampler, collate_fn=self.collate)
+        # every pass starts at the trainer's global step: where a resumed run continues (StepDataLoader)
+        sampler = StepBatchSampler(len(self.train_set), self.batch_size, self.seed, self.max_steps)
+        return StepDataLoader(self.train_set, sampler, step=self._global_step, collate_fn=self.collate)
+
+    def _global_step(self) -> int:
+        return self.trainer.global_step
 
     def training_step(self, batch, batch_idx):
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
