@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fusion_bench.errors import ConfigError
 from fusion_bench.families import build_family
 from fusion_bench.merging.task_specific import TaskSpecificMerge
 from fusion_bench.reporting.memory import log_memory, release
@@ -22,6 +23,7 @@ from fusion_bench.stages.evaluate import merged_accuracies, reference_accuracies
 from fusion_bench.stages.export import export_merge
 from fusion_bench.stages.finetune import ensure_finetuned, finetuned_state, seconds_per_step
 from fusion_bench.stages.merge import Method
+from fusion_bench.validation.check import validate_config
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +40,13 @@ def coefficient_cfg(cfg: DictConfig) -> DictConfig:
     the top-level `coefficients` group (coefficients=grid|adamerging|lorahub for any weighted method)."""
     own, top = cfg.method.get("coefficients"), cfg.get("coefficients") or OmegaConf.create({"strategy": "grid"})
     if own is not None and top.strategy != "grid" and top.strategy != own.strategy:
-        raise ValueError(f"method.coefficients.strategy={own.strategy} and coefficients={top.strategy}: give one")
+        raise ConfigError(f"method.coefficients.strategy={own.strategy} and coefficients={top.strategy}: give one")
     return own if own is not None else top
 
 
 def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
-    fam = build_family(cfg)
+    validate_config(cfg)  # every option's type and range, the method's settings, the family's checks: before any work
+    fam = build_family(cfg, validate=False)
     torch.set_num_threads(int(cfg.num_threads))
     tasks = list(cfg.taskpool.tasks)
     t0 = time.perf_counter()
@@ -55,7 +58,7 @@ def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
             statistics.check(fam, method, tasks)
             learn.check(fam, method, coef_cfg, tasks)
     if cfg.stage in ("finetune", "all"):
-        for task in tasks:
+        for task in sorted(tasks, key=lambda t: fam.imported(t) is None):  # the user's files checked before training
             ensure_finetuned(fam, task)
             release()  # the trainer, the optimiser state and the training copy go with it
         log_memory("finetune")

@@ -5,9 +5,11 @@ Writes are atomic (temp file + rename); loads are safe (safetensors, never pickl
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,16 +18,22 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from fusion_bench.errors import DiskFullError
+
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or does not fit what it is used for."""
 
 
 def atomic_write(path: str | Path, write) -> Path:
-    """Call write(tmp_path) then rename onto path: a crash leaves any earlier file intact."""
+    """Call write(tmp_path) then rename onto path: a crash leaves any earlier file intact. A full disk is a
+    DiskFullError naming `path` (the temporary file is removed: nothing partial stays)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise disk_full_error(e, path) or e
     os.close(fd)
     try:
         write(tmp)
@@ -33,10 +41,46 @@ def atomic_write(path: str | Path, write) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions a plain open() would
         os.replace(tmp, path)
+    except Exception as e:
+        full = disk_full_error(e, path)
+        if full is not None:
+            raise full from e
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+FULL_WORDS = ("no space left on device", "os error 28", "disk quota exceeded")
+NEARLY_FULL = 1 << 20  # bytes free below which a failed write is taken for a full disk
+
+
+def disk_full_error(error: BaseException, path: str | Path) -> DiskFullError | None:
+    """A DiskFullError naming `path` when the failed write of `path` ran out of space: ENOSPC or EDQUOT in the
+    error's chain, the words safetensors uses for them, or, for an error without an errno (torch's zip writer says
+    only "unexpected pos"), less than 1 MiB left on the device; None otherwise (another errno: read-only, ...)."""
+    seen: BaseException | None = error
+    for _ in range(8):  # the error, its cause, their causes
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            break
+        if any(w in str(seen).lower() for w in FULL_WORDS):
+            break
+        if isinstance(seen, OSError) and seen.errno is not None:  # another known cause: read-only, permissions, ...
+            return None
+        seen = seen.__cause__ or seen.__context__
+    else:
+        seen = None
+    if seen is None:
+        try:
+            if shutil.disk_usage(Path(path).parent).free >= NEARLY_FULL:
+                return None
+        except OSError:
+            return None
+    return DiskFullError(f"no space left on device while writing {path}: free some space there (or point paths.root "
+                         f"or paths.store at another disk) and re-run; nothing partial was kept")
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -6,7 +6,6 @@ pairwise.py. Each writes numbers (<kind>.json), a Markdown table (<kind>.md) and
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import random
 from collections.abc import Mapping, Sequence
@@ -19,7 +18,7 @@ from fusion_bench.evaluation.pair_grid import pair_grid
 from fusion_bench.evaluation.search import GRID, normalized_mean
 from fusion_bench.merging import awd
 from fusion_bench.merging.task_vectors import prepare
-from fusion_bench.reporting import plots
+from fusion_bench.reporting import finite_json, plots
 from fusion_bench.reporting.report import fresh_path
 from fusion_bench.reporting.tables import matrix_table, md_table
 from fusion_bench.stages.evaluate import grid_accuracies, merged_accuracies, reference_accuracies
@@ -152,7 +151,7 @@ def run_analysis(fam, method, analysis_cfg, run_dir: Path, method_name: str) -> 
     result, md, figures = analyses[kind](fam, method, analysis_cfg, run_dir, method_name)
     result.update(kind=kind, model=fam.cfg.model.name, finetune=fam.mode, method=method_name,
                   taskpool=fam.cfg.taskpool.name, figures=[Path(f).name for f in figures])
-    out = atomic_write_text(fresh_path(run_dir / f"{kind}.json"), json.dumps(result, indent=1))
+    out = atomic_write_text(fresh_path(run_dir / f"{kind}.json"), finite_json.dumps(result, indent=1))
     head = f"# analysis={kind}: {fam.cfg.model.name}, finetune={fam.mode}, method={method_name}\n\n"
     atomic_write_text(out.with_suffix(".md"), head + md + "".join(f"\n![{kind}]({Path(f).name})\n" for f in figures))
     log.info("analysis %s written to %s", kind, out)

@@ -26,10 +26,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from fusion_bench.errors import ConfigError
+
 FORMATS = ("safetensors", "open_clip", "transformers")
 
 
-class OutputError(ValueError):
+class OutputError(ConfigError):
     """An `output.*` option this run cannot honour (named in the message, with what to use instead)."""
 
 

@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from fusion_bench.store import atomic_write
+from fusion_bench.store import atomic_write, disk_full_error
 
 
 def _refuse_existing(path: Path) -> None:
@@ -25,7 +25,8 @@ def new_file(path: str | Path, write: Callable[[str], object]) -> Path:
 
 
 def new_dir(path: str | Path, write: Callable[[Path], object]) -> Path:
-    """write(tmp_dir) then rename the folder onto `path`, which must not exist: a crash leaves no partial folder."""
+    """write(tmp_dir) then rename the folder onto `path`, which must not exist: a crash leaves no partial folder (a
+    full disk: a DiskFullError naming `path`)."""
     path = Path(path)
     _refuse_existing(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,6 +38,11 @@ def new_dir(path: str | Path, write: Callable[[Path], object]) -> Path:
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the folder the permissions mkdir would
         _refuse_existing(path)
         os.rename(tmp, path)
+    except Exception as e:
+        full = disk_full_error(e, path)
+        if full is not None:
+            raise full from e
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -7,6 +7,7 @@ import importlib
 
 from omegaconf import DictConfig
 
+from fusion_bench.errors import ConfigError
 from fusion_bench.families.base import ModelFamily
 
 FAMILIES = {
@@ -18,21 +19,22 @@ FAMILIES = {
 def family_class(name: str) -> type[ModelFamily]:
     target = FAMILIES.get(name, name)
     if ":" not in target:
-        raise ValueError(f"model.family={name!r}: expected one of {sorted(FAMILIES)} or 'package.module:Class'")
+        raise ConfigError(f"model.family={name!r}: must be one of {sorted(FAMILIES)} or 'package.module:Class'")
     module, cls = target.split(":")
-    family = getattr(importlib.import_module(module), cls)
+    try:
+        family = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"model.family={name!r}: no such class ({e})") from e
     if not (isinstance(family, type) and issubclass(family, ModelFamily)):
-        raise TypeError(f"model.family={name!r} is {family!r}, not a fusion_bench.families.base.ModelFamily")
+        raise ConfigError(f"model.family={name!r} is {family!r}, not a fusion_bench.families.base.ModelFamily")
     return family
 
 
 def build_family(cfg: DictConfig, validate: bool = True) -> ModelFamily:
-    """The configured model family over `cfg`, its config checked first."""
-    family = family_class(str(cfg.model.get("family", "clip")))
+    """The configured model family over `cfg`, its config checked first (the validation pass,
+    fusion_bench.validation.check.validate_config) unless the caller has done that already."""
     if validate:
-        family.validate(cfg)
-        if cfg.stage in ("merge", "all"):  # the stages that write the merged model (fusion_bench.export)
-            from fusion_bench.export import check_output
+        from fusion_bench.validation.check import validate_config
 
-            check_output(family, cfg)
-    return family(cfg)
+        validate_config(cfg)
+    return family_class(str(cfg.model.get("family", "clip")))(cfg)

@@ -19,35 +19,24 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fusion_bench import keys
+from fusion_bench.errors import ConfigError
 from fusion_bench.evaluation.accuracy import eval_device
 from fusion_bench.models import modes as clip_modes
 from fusion_bench.store import CheckpointStore, read_metadata
 
-STAGES = ("finetune", "merge", "evaluate", "all", "analyze")
-
 
 def validate_common(cfg: DictConfig, known: list[str]) -> None:
-    """The config errors every family shares, caught before anything trains."""
-    if cfg.stage not in STAGES:
-        raise ValueError(f"stage={cfg.stage!r}: expected one of {STAGES}")
+    """The config errors every family shares that need more than an option's range (those are checked before, by
+    fusion_bench.validation.check)."""
     if cfg.stage == "analyze" and not cfg.get("analysis"):
-        raise ValueError("stage=analyze needs analysis=<name>, one of conf/analysis/: cosine, disentanglement, "
-                         "num_tasks, negation, kernel, heads, loss_landscape, pairwise")
+        raise ConfigError("stage=analyze needs analysis=<name>, one of conf/analysis/: cosine, disentanglement, "
+                          "num_tasks, negation, kernel, heads, loss_landscape, pairwise")
     tasks = list(cfg.taskpool.tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:
-        raise ValueError(f"unknown task(s) {unknown} in taskpool.tasks; {cfg.taskpool.name} has {known}")
-    if len(set(tasks)) != len(tasks):
-        raise ValueError(f"taskpool.tasks has duplicates: {tasks}")
-    coef = cfg.method.get("scaling_coef")
-    if coef is not None and not isinstance(coef, (int, float)) and coef != "search" and len(coef) != len(tasks):
-        raise ValueError(f"method.scaling_coef has {len(coef)} values for {len(tasks)} tasks")
-    k = cfg.method.get("k")  # TIES's fraction (consensus_* count tasks with an integer k, checked by the method)
-    if isinstance(k, float) and not 0 < k <= 1:
-        raise ValueError(f"method.k={k} must be in (0, 1]")
-    from fusion_bench.stages import objective, task_coefs
+        raise ConfigError(f"taskpool.tasks={tasks}: unknown task(s) {unknown}; {cfg.taskpool.name} has {known}")
+    from fusion_bench.stages import objective
 
-    task_coefs.check(cfg)  # method.task_coefs: one per task, for a method that weights each task
     objective.check(cfg)  # objective (hparams_search=optuna*): a known one, on a stage that evaluates
     eval_device(cfg.trainer)  # trainer=gpu on a machine without CUDA
 
@@ -183,10 +172,10 @@ class ModelFamily:
             try:
                 n = len(self.tasks[task].split(split))
             except (FileNotFoundError, KeyError, ValueError) as e:
-                raise ValueError(f"{who} needs the {split} split of task {task!r}, which taskpool="
-                                 f"{self.cfg.taskpool.name} cannot give: {e}") from e
+                raise ConfigError(f"{who} needs the {split} split of task {task!r}, which taskpool="
+                                  f"{self.cfg.taskpool.name} cannot give: {e}") from e
             if n == 0:
-                raise ValueError(f"{who}: the {split} split of task {task!r} is empty")
+                raise ConfigError(f"{who}: the {split} split of task {task!r} is empty")
 
     @property
     def merges_plain_weights(self) -> bool:

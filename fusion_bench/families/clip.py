@@ -14,6 +14,7 @@ from torch.func import functional_call
 from torch.utils.data import default_collate
 
 from fusion_bench.data.tasks import Task, known_tasks, load_control, load_task
+from fusion_bench.errors import ConfigError, MissingFileError
 from fusion_bench.evaluation.accuracy import accuracy
 from fusion_bench.evaluation.distributed import distributed_accuracies, distributed_grid_accuracies
 from fusion_bench.evaluation.search import CoefficientGrid, grid_correct
@@ -40,17 +41,17 @@ class CLIPFamily(ModelFamily):
         if not spec:
             return
         if cfg.finetune.get("train_head"):
-            raise ValueError("finetuned_from imports fine-tuned encoders without their heads: finetune.train_head=true "
-                             "needs fine-tunes made here (stage=finetune)")
+            raise ConfigError("finetuned_from imports fine-tuned encoders without their heads: finetune.train_head=true "
+                              "needs fine-tunes made here (stage=finetune)")
         if clip_modes.training_config(cfg.finetune)["mode"] != "standard":
-            raise ValueError(f"finetuned_from gives whole fine-tuned image encoders: use finetune=standard (or "
-                             f"finetune=linear finetune.posthoc=true), not finetune={cfg.finetune.mode}")
+            raise ConfigError(f"finetuned_from gives whole fine-tuned image encoders: use finetune=standard (or "
+                              f"finetune=linear finetune.posthoc=true), not finetune={cfg.finetune.mode}")
         if isinstance(spec, str) and "{task}" not in spec and len(tasks) > 1:
-            raise ValueError(f"finetuned_from={spec!r} names one checkpoint for {len(tasks)} tasks: put {{task}} "
-                             f"where the task name goes, or give a task -> path mapping")
+            raise ConfigError(f"finetuned_from={spec!r} names one checkpoint for {len(tasks)} tasks: put {{task}} "
+                              f"where the task name goes, or give a task -> path mapping")
         absent = [f"{t}: {p}" for t in tasks if (p := finetuned_source(spec, t)) is not None and not p.exists()]
         if absent:
-            raise FileNotFoundError("finetuned_from: no such fine-tuned checkpoint(s):\n  " + "\n  ".join(absent))
+            raise MissingFileError(f"finetuned_from: no such fine-tuned checkpoint(s): {'; '.join(absent)}")
 
     @classmethod
     def check_output(cls, cfg: DictConfig, fmt: str, adapters: bool) -> None:

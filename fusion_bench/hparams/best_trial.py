@@ -17,6 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from fusion_bench.reporting import finite_json
 from fusion_bench.reporting.report import fresh_path
 from fusion_bench.stages.objective import TRIAL_FILE
 from fusion_bench.store import atomic_write_text
@@ -91,7 +92,7 @@ def report_best_trial(config: DictConfig) -> Path | None:
               "val": best["tasks"], "test": test["tasks"], "test_average": test["average"],
               "report": str((out / "report.json").relative_to(sweep_dir)),
               "trials": [{"trial": r["job"], "value": r["value"], "params": r["params"]} for r in trials]}
-    path = atomic_write_text(fresh_path(sweep_dir / "optuna_best.json"), json.dumps(record, indent=2))
+    path = atomic_write_text(fresh_path(sweep_dir / "optuna_best.json"), finite_json.dumps(record, indent=2))
     atomic_write_text(path.with_suffix(".md"), _markdown(best, test, trials))
     log.info("best trial written to %s", path)
     return path

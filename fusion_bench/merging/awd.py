@@ -47,6 +47,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fusion_bench.errors import ConfigError
+from fusion_bench.validation.ranges import (
+    FLAG,
+    ONE_COEF,
+    PER_TASK_COEF,
+    Context,
+    choice,
+    integer,
+    non_negative,
+)
+
 from .task_arithmetic import weighted_sum_merge
 from .task_vectors import (
     MergeInputs,
@@ -60,7 +71,7 @@ from .task_vectors import (
     stream_blocks,
     unflatten,
 )
-from .ties import check_k, ties_merge
+from .ties import KEPT_FRACTION, check_k, ties_merge
 
 log = logging.getLogger(__name__)
 
@@ -390,3 +401,22 @@ def awd_ties(
     else:
         transform = SubtractDelta(res.delta)
     return ties_merge(inp, float(k), lam, per_tensor, transform=transform)
+
+# What each setting must be, checked with the rest of the config before any work (fusion_bench/validation).
+AWD_RANGES = {
+    "alpha": non_negative("the weight of ||delta|| in the loss"),
+    "lr": non_negative("the step of gd / adam"),
+    "iterations": integer(0, note="optimiser steps; 0 leaves delta = 0"),
+    "optimizer": choice(*OPTIMIZERS),
+}
+
+
+def _check_awd_settings(settings: dict, ctx: Context) -> None:
+    if len(ctx.tasks) < 2:
+        raise ConfigError(f"taskpool.tasks={list(ctx.tasks)}: AWD needs at least 2 tasks (cosines between pairs of "
+                          f"task vectors)")
+
+
+awd_ta.ranges = {**AWD_RANGES, "scaling_coef": PER_TASK_COEF}
+awd_ties.ranges = {**AWD_RANGES, "k": KEPT_FRACTION, "scaling_coef": ONE_COEF, "per_tensor": FLAG}
+awd_ta.check_settings = awd_ties.check_settings = _check_awd_settings

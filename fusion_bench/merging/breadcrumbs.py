@@ -30,6 +30,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fusion_bench.errors import ConfigError
+from fusion_bench.validation.ranges import PER_TASK_COEF, Context, fraction
+
 from .task_vectors import (
     _HI,
     _LO,
@@ -128,3 +131,18 @@ def breadcrumbs(
         return torch.mv(X.t(), lam, out=ws.get("upd", c))
 
     return stream_merge(inp, combine, chunk=None)
+
+# What each setting must be, checked with the rest of the config before any work (fusion_bench/validation).
+def _check_breadcrumbs_settings(settings: dict, ctx: Context) -> None:
+    density, gamma = settings.get("density", 0.15), settings.get("gamma", 0.006)
+    if density + gamma > 1.0 + 1e-12:
+        raise ConfigError(f"method.density={density} and method.gamma={gamma}: density + gamma must be <= 1 (the "
+                          f"share of each key's entries kept and the share of its largest dropped first)")
+
+
+breadcrumbs.ranges = {
+    "density": fraction(low_open=True, note="the share of each key's entries kept"),
+    "gamma": fraction(high_open=True, note="the share of the largest |tau| dropped first"),
+    "scaling_coef": PER_TASK_COEF,
+}
+breadcrumbs.check_settings = _check_breadcrumbs_settings

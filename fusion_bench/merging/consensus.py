@@ -61,6 +61,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from fusion_bench.errors import ConfigError
+from fusion_bench.validation.ranges import ONE_COEF, Context, ListOf, Number, any_of, choice, non_negative
+
 from .task_specific import TaskSpecificMerge
 from .task_vectors import (
     MergeInputs,
@@ -76,7 +79,7 @@ from .task_vectors import (
     shrink_lambda,
     stream_blocks,
 )
-from .ties import check_k
+from .ties import KEPT_FRACTION, check_k
 
 log = logging.getLogger(__name__)
 
@@ -313,3 +316,27 @@ def check_count(k: object, n: int, method: str) -> int:
             f"least k of the {n} TALL masks select it"
         )
     return kk
+
+# What each setting must be, checked with the rest of the config before any work (fusion_bench/validation).
+LAMBDAS = any_of(choice("search"), non_negative("a TALL mask's lambda"), ListOf(non_negative(), per_task=True))
+TALL_RANGES = {
+    "lambdas": LAMBDAS,
+    "base": choice("task_arithmetic", "ta", "ties"),
+    "ties_k": KEPT_FRACTION,
+    "ties_agg": choice(*TIES_AGGS),
+}
+
+
+def _check_consensus_settings(settings: dict, ctx: Context) -> None:
+    k = settings.get("k", 2)
+    if not float(k).is_integer():
+        raise ConfigError(f"method.k={k}: must be a whole number of tasks (masks that must agree; the paper: 2)")
+    if k > len(ctx.tasks):
+        raise ConfigError(f"method.k={k}: must be at most the number of tasks ({len(ctx.tasks)}): an entry is kept "
+                          f"when at least k of the TALL masks select it")
+
+
+consensus_merging.ranges = {**TALL_RANGES, "k": Number(low=1, note="a whole number of masks that must agree"),
+                            "scaling_coef": ONE_COEF}
+consensus_merging.check_settings = _check_consensus_settings
+tall_masks.ranges = TALL_RANGES

@@ -22,9 +22,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fusion_bench.errors import ConfigError
+from fusion_bench.validation.ranges import (
+    FLAG,
+    ONE_COEF,
+    PER_TASK_COEF,
+    TORCH_SEED,
+    Context,
+    choice,
+    fraction,
+)
+
 from .task_arithmetic import weighted_sum_merge
 from .task_vectors import StateDict, Transform, derived_seed, is_number, prepare, scalar_coef, scaling_coefs
-from .ties import check_k, ties_merge
+from .ties import KEPT_FRACTION, check_k, ties_merge
 
 
 def dare_mask(seed: int, t: int, key: str, numel: int, p: float) -> Tensor:
@@ -88,3 +99,33 @@ def dare(
         check_k(k, "dare(base='ties')")
         return ties_merge(inp, float(k), scalar_coef(scaling_coef, "dare"), per_tensor, transform=drop)
     raise ValueError(f"dare: base={base!r} must be 'task_arithmetic' or 'ties'")
+
+# What each setting must be, checked with the rest of the config before any work (fusion_bench/validation).
+TIES_ONLY = ("k", "per_tensor")
+
+
+def _dare_ranges(settings: dict) -> dict:
+    """base=ties takes one scaling_coef, base=task_arithmetic one or one per task; k and per_tensor are TIES's
+    (refused with base=task_arithmetic by _check_dare_settings)."""
+    ties = settings.get("base", "task_arithmetic") == "ties"
+    return {
+        "p": fraction(high_open=True, note="the drop probability; 1 would drop every entry"),
+        "seed": TORCH_SEED,  # hashed with the task and key (derived_seed)
+        "base": choice("task_arithmetic", "ta", "ties"),
+        "rescale": FLAG,
+        "scaling_coef": ONE_COEF if ties else PER_TASK_COEF,
+        "k": KEPT_FRACTION,
+        "per_tensor": FLAG,
+    }
+
+
+def _check_dare_settings(settings: dict, ctx: Context) -> None:
+    base = settings.get("base", "task_arithmetic")
+    given = [k for k in TIES_ONLY if k in settings]
+    if base != "ties" and given:
+        raise ConfigError(f"method.{given[0]}={settings[given[0]]!r}: a setting of dare with base=ties, not with "
+                          f"base={base}")
+
+
+dare.ranges = _dare_ranges
+dare.check_settings = _check_dare_settings

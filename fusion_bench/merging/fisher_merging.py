@@ -27,6 +27,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from fusion_bench.validation.ranges import FLAG, positive
+
 from .task_vectors import StateDict, finish, prepare, scaling_coefs, statistic_keys
 
 log = logging.getLogger(__name__)
@@ -89,3 +91,6 @@ def fisher_merging(
             den.add_(w)
         out[key] = num.div_(den).to(inp.dtypes[key])
     return finish(inp, out)
+
+# What each setting must be, checked with the rest of the config before any work (fusion_bench/validation).
+fisher_merging.ranges = {"epsilon": positive("the floor of the Fisher"), "normalize": FLAG}

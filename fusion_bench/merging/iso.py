@@ -38,6 +38,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from fusion_bench.validation.ranges import ONE_COEF, fraction
+
 from .spectral import (
     eig_triplets,
     eigh_many,
@@ -161,3 +163,8 @@ def _iso_cts_finish(
     V = torch.cat([p[2] for p in task_parts] + [Vc], 1)
     PU, PV = polar_pair(U, V)
     return (PU.mul_(s.mean())).to(torch.float32) @ PV.to(torch.float32).T
+
+# What each setting must be, checked with the rest of the config before any work (fusion_bench/validation).
+iso_c.ranges = {"scaling_coef": ONE_COEF}
+iso_cts.ranges = {"scaling_coef": ONE_COEF,
+                  "common_space_fraction": fraction(note="the share of each key's rank for the common subspace")}

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fusion_bench.validation.ranges import ONE_COEF
+
 from .task_vectors import StateDict, Workspace, prepare, scalar_coef, stream_merge
 
 
@@ -41,3 +43,6 @@ def magmax(
         return best.mul_(lam)
 
     return stream_merge(inp, combine)
+
+# What each setting must be, checked with the rest of the config before any work (fusion_bench/validation).
+magmax.ranges = {"scaling_coef": ONE_COEF}

@@ -35,6 +35,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fusion_bench.validation.ranges import choice
+
 from .task_vectors import StateDict, Workspace, prepare, stream_merge
 
 log = logging.getLogger(__name__)
@@ -99,3 +101,6 @@ def model_stock(
             int((vals == 0).sum()),
         )
     return out
+
+# What each setting must be, checked with the rest of the config before any work (fusion_bench/validation).
+model_stock.ranges = {"average": choice(*AVERAGES)}

@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 
 from torch import Tensor
 
+from fusion_bench.validation.ranges import PER_TASK_COEF
+
 
 def partial_linearization(
     pretrained: Mapping[str, Tensor],
@@ -26,3 +28,6 @@ def partial_linearization(
 
 partial_linearization.requires_mode = "l_lora"
 partial_linearization.evaluate_linearized = True
+
+# What each setting must be, checked with the rest of the config before any work (fusion_bench/validation).
+partial_linearization.ranges = {"scaling_coef": PER_TASK_COEF}

@@ -27,6 +27,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from fusion_bench.validation.ranges import fraction
+
 from .task_vectors import StateDict, finish, prepare, statistic_keys
 
 
@@ -99,3 +101,6 @@ def _merge_key(
             "reduce_non_diagonal_ratio < 1 or more samples, or leave this key out of the Grams"
         ) from err
     return (merged if right else merged.T).to(device=pre.device, dtype=pre.dtype).contiguous()
+
+# What each setting must be, checked with the rest of the config before any work (fusion_bench/validation).
+regmean.ranges = {"reduce_non_diagonal_ratio": fraction(note="the weight of the off-diagonal Gram entries")}

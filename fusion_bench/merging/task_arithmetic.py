@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fusion_bench.validation.ranges import PER_TASK_COEF
+
 from .task_vectors import (
     MergeInputs,
     StateDict,
@@ -43,3 +45,6 @@ def weighted_sum_merge(
         return torch.mv(X.t(), lam, out=ws.get("upd", e - s))
 
     return stream_merge(inp, combine, transform)
+
+# What each setting must be, checked with the rest of the config before any work (fusion_bench/validation).
+task_arithmetic.ranges = {"scaling_coef": PER_TASK_COEF}

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fusion_bench.validation.ranges import FLAG, ONE_COEF, fraction
+
 from .task_vectors import (
     MergeInputs,
     StateDict,
@@ -131,3 +133,7 @@ def ties_block(X: Tensor, shrinks: Sequence[float], lam: float, ws: Workspace) -
     nz = torch.ne(X, 0.0, out=ws.block("nz", n, c))
     cnt = torch.sum(nz, 0, out=ws.get("cnt", c)).clamp_(min=1.0)
     return num.div_(cnt).mul_(e).mul_(lam)
+
+# What each setting must be, checked with the rest of the config before any work (fusion_bench/validation).
+KEPT_FRACTION = fraction(low_open=True, note="the share of each task vector's |tau| kept; 0.2 keeps the top 20%")
+ties_merging.ranges = {"k": KEPT_FRACTION, "scaling_coef": ONE_COEF, "per_tensor": FLAG}

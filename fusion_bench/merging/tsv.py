@@ -29,6 +29,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fusion_bench.validation.ranges import ONE_COEF
+
 from .spectral import eigh_many, gram, merge_2d_keys, polar_pair, svd_from_gram
 from .task_vectors import StateDict, prepare, scalar_coef
 
@@ -74,3 +76,6 @@ def tsv_key(taus: list[Tensor], key: str = "", noise: float = 0.0) -> Tensor:
     del parts
     PU, PV = polar_pair(U, V)
     return (PU * s).to(torch.float32) @ PV.to(torch.float32).T
+
+# What each setting must be, checked with the rest of the config before any work (fusion_bench/validation).
+tsv_merging.ranges = {"scaling_coef": ONE_COEF}

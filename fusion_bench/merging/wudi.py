@@ -71,6 +71,8 @@ import torch
 from rich.progress import track
 from torch import Tensor
 
+from fusion_bench.validation.ranges import ONE_COEF, ListOf, choice, fraction, integer, non_negative
+
 from .task_vectors import PROGRESS_MIN_NUMEL, MergeInputs, StateDict, finish, is_number, prepare, scalar_coef
 
 log = logging.getLogger(__name__)
@@ -325,3 +327,13 @@ def wudi_merging(
             math.sqrt(moved / start) if start > 0 else math.nan,
         )
     return finish(inp, out)
+
+# What each setting must be, checked with the rest of the config before any work (fusion_bench/validation).
+wudi_merging.ranges = {
+    "scaling_coef": ONE_COEF,
+    "lr": non_negative("Adam's step (the paper: 1e-5)"),
+    "iterations": integer(0, note="Adam steps (the paper: 300)"),
+    "betas": ListOf(fraction(high_open=True), length=2),
+    "eps": non_negative(),
+    "keys": choice(*KEY_SETS),
+}

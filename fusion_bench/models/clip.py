@@ -39,6 +39,8 @@ from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import load_file
 from torch import nn
 
+from fusion_bench.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -51,8 +53,8 @@ class WeightsNotFoundError(FileNotFoundError):
     pass
 
 
-class WeightsFormatError(ValueError):
-    pass
+class WeightsFormatError(ConfigError):
+    """A weights file the user named (model.pretrained, finetuned_from) that cannot be used: printed as one line."""
 
 
 def create_clip(arch: str) -> nn.Module:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from fusion_bench.errors import MissingFileError, one_line
 from fusion_bench.models.clip import WeightsFormatError, read_state_dict
 from fusion_bench.models.hf_import import hf_to_open_clip, read_hf_folder
 
@@ -36,27 +37,42 @@ def finetuned_source(spec, task: str) -> Path | None:
 def read_encoder(src: Path) -> dict[str, torch.Tensor]:
     """The image-encoder weights in `src`, in open_clip's names without the `visual.` prefix."""
     if not src.exists():
-        raise FileNotFoundError(f"finetuned_from: no such fine-tuned checkpoint {src}")
+        raise MissingFileError(f"finetuned_from: no such fine-tuned checkpoint {src}")
     state = hf_to_open_clip(read_hf_folder(src)) if src.is_dir() else read_state_dict(src)
     if any(k.startswith("visual.") for k in state):  # a whole CLIP, or a converted image encoder
         state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
     return state
 
 
-def import_encoder(src: Path, pretrained: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The fine-tuned encoder in `src` as a state over exactly the keys of `pretrained` (fp32)."""
-    state = read_encoder(src)
+def import_encoder(src: Path, pretrained: Mapping[str, torch.Tensor], task: str | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """The fine-tuned encoder in `src` as a state over exactly the keys of `pretrained` (fp32), checked before it
+    goes anywhere: readable, the keys and shapes of `pretrained`, every value finite. Every refusal is a
+    WeightsFormatError (a ConfigError) naming the file and the task it was given for."""
+    who = f"finetuned_from: {src}" + (f" (the fine-tune of task {task!r})" if task else "")
+    try:
+        state = read_encoder(src)
+    except MissingFileError:
+        raise
+    except Exception as e:  # whatever the reader of a broken file raises (safetensors, torch, json, zip)
+        raise WeightsFormatError(f"{who} is not a readable weights file ({type(e).__name__}: {one_line(e)}): give a "
+                                 f"safetensors file, a torch state dict or a transformers save_pretrained folder"
+                                 ) from e
     if "proj" in pretrained and "proj" not in state:  # a CLIPVisionModel has no projection: it stays pretrained
         log.info("%s has no visual projection: keeping the pretrained one", src)
         state["proj"] = pretrained["proj"]
     missing, unexpected = sorted(set(pretrained) - set(state)), sorted(set(state) - set(pretrained))
     if missing or unexpected:
-        raise WeightsFormatError(f"finetuned_from: {src} is not a fine-tune of this image encoder: {len(missing)} "
-                                 f"missing keys {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}")
+        raise WeightsFormatError(f"{who} is not a fine-tune of this image encoder: {len(missing)} missing keys "
+                                 f"{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}")
     wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in pretrained.items() if state[k].shape != v.shape]
     if wrong:
-        raise WeightsFormatError(f"finetuned_from: {src} has other shapes than this model (another architecture?): "
-                                 f"{wrong[:3]} (key, checkpoint, model)")
+        raise WeightsFormatError(f"{who} has other shapes than this model (another architecture?): {wrong[:3]} "
+                                 f"(key, checkpoint, model)")
+    for k, v in state.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            bad = int((~torch.isfinite(v)).sum())
+            raise WeightsFormatError(f"{who}: tensor {k!r} holds NaN or Inf ({bad} of {v.numel()} values)")
     state = {k: state[k].float() for k in pretrained}
     diff = torch.sqrt(sum(((state[k] - v.float()) ** 2).sum() for k, v in pretrained.items()))
     norm = torch.sqrt(sum((v.float() ** 2).sum() for v in pretrained.values()))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from fusion_bench.reporting import finite_json
 from fusion_bench.store import atomic_write_text
 
 COLUMNS = ("zeroshot", "finetuned", "merged", "normalized")
@@ -58,7 +58,7 @@ def fresh_path(path: Path) -> Path:
 
 def write_report(report: dict, run_dir: Path) -> Path:
     run_dir = Path(run_dir)
-    out = atomic_write_text(fresh_path(run_dir / "report.json"), json.dumps(report, indent=2))
+    out = atomic_write_text(fresh_path(run_dir / "report.json"), finite_json.dumps(report, indent=2))
     atomic_write_text(out.with_suffix(".md"), markdown(report))
     print_table(report)
     return out

@@ -1,8 +1,11 @@
-"""Gather the report.json files of a multirun (or any folder) into one table and plots.
+"""Gather the report.json files of a multirun (or any folder) into one table and plots, and list the jobs that
+failed (their error.json, written by fusion_bench/entry.py) with their one-line errors.
 
     python -m fusion_bench.reporting.summary outputs/multirun/2026-11-23/12-00-00-000000
 
-Also a Hydra callback (`+callbacks=summary`) that does the same when a multirun ends.
+Also a Hydra callback (conf/config.yaml hydra.callbacks.summary) that does the same when a multirun ends, and after
+each job once a job of the sweep has failed: Hydra's sweeper raises the first failure after the last job instead of
+ending the multirun, so the summary of the jobs that succeeded is written then.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 
 from fusion_bench.reporting import plots
 from fusion_bench.store import atomic_write_text
 
 log = logging.getLogger(__name__)
+ERROR_FILE = "error.json"  # what a failed job of a sweep leaves in its folder (fusion_bench/entry.py)
 FIELDS = ("model", "finetune", "method", "taskpool", "scaling_coef", "zeroshot", "finetuned", "merged", "normalized")
 
 
@@ -39,16 +45,34 @@ def load_reports(root: Path) -> list[dict]:
     return reports
 
 
+def load_failures(root: Path) -> list[dict]:
+    """The failed jobs below root: {"run": folder, "overrides": ..., "error": one line}, in job order."""
+    failed = []
+    for path in sorted(Path(root).rglob(ERROR_FILE), key=lambda p: _natural(p.relative_to(root))):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            rec = {"error": f"unreadable {ERROR_FILE}: {e}"}
+        failed.append({"run": str(path.parent.relative_to(root)), "overrides": " ".join(rec.get("overrides") or []),
+                       "error": rec.get("error", "")})
+    return failed
+
+
+def _rounded(x: float | None) -> float | None:
+    """4 decimals; None (a non-finite value, null in report.json) stays None."""
+    return None if x is None else round(x, 4)
+
+
 def rows(reports: list[dict]) -> list[dict]:
     out = []
     for r in reports:
         row = {k: r.get(k) for k in FIELDS[:5]}
         row["scaling_coef"] = json.dumps(r.get("scaling_coef"))
-        row.update({k: round(r["average"][k], 4) for k in FIELDS[5:]})
+        row.update({k: _rounded(r["average"][k]) for k in FIELDS[5:]})
         row["trainable_params"] = r.get("trainable_params")
         secs = [v for v in (r.get("seconds_per_step") or {}).values() if v is not None]
         row["s_per_step"] = round(sum(secs) / len(secs), 4) if secs else None
-        row.update({f"merged/{t}": round(v["merged"], 4) for t, v in r["tasks"].items()})
+        row.update({f"merged/{t}": _rounded(v["merged"]) for t, v in r["tasks"].items()})
         row["run"] = r["_path"]
         out.append(row)
     return out
@@ -59,20 +83,27 @@ def summarize(root: str | Path) -> Path | None:
     from fusion_bench.reporting.pairwise_summary import summarize_pairwise
 
     summarize_pairwise(root)  # analysis=pairwise runs below root: one scatter over the sweep's methods
-    reports = load_reports(root)
-    if not reports:
+    reports, failed = load_reports(root), load_failures(root)
+    if not reports and not failed:
         log.info("no report.json under %s (a sweep of analyses writes none)", root)
         return None
     table = rows(reports)
     columns = list(dict.fromkeys(k for row in table for k in row))
+    md = []
+    if table:
+        md += ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+        md += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in table]
+    if failed:  # one row each in the csv (run and error only), a table of their own in the markdown
+        columns += [c for c in ("run", "error") if c not in columns]
+        table += [{"run": f["run"], "error": f["error"]} for f in failed]
+        md += ["", f"Failed jobs ({len(failed)}):", "", "| run | overrides | error |", "|---|---|---|"]
+        md += [f"| {f['run']} | {f['overrides']} | {f['error'].replace('|', '/')} |" for f in failed]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns)
     writer.writeheader()
     writer.writerows(table)
     atomic_write_text(root / "summary.csv", buf.getvalue())
-    md = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
-    md += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in table]
-    atomic_write_text(root / "summary.md", "\n".join(md) + "\n")
+    atomic_write_text(root / "summary.md", "\n".join(md).lstrip("\n") + "\n")
 
     groups = defaultdict(list)  # accuracy against the coefficient, one plot per (model, finetune, method)
     for r in reports:
@@ -88,7 +119,8 @@ def summarize(root: str | Path) -> Path | None:
         plots.curves(xs, series, f"{method} | {model} | finetune={mode}", "scaling coefficient", "test accuracy",
                      root / f"accuracy_vs_coef_{model}_{mode}_{method}.png")
     _search_plots(reports, root)
-    log.info("summary of %d runs written to %s", len(table), root / "summary.md")
+    log.info("summary of %d runs (%d failed) written to %s", len(reports) + len(failed), len(failed),
+             root / "summary.md")
     return root / "summary.md"
 
 
@@ -116,6 +148,14 @@ def _search_plots(reports: list[dict], root: Path) -> None:
 
 
 class SummaryCallback(Callback):
+    def on_job_end(self, config, job_return: JobReturn, **kwargs) -> None:
+        """Once a job of the sweep has failed, the summary after each job: the multirun will not end normally."""
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        root = Path(config.hydra.sweep.dir)
+        if job_return.status == JobStatus.FAILED or load_failures(root):
+            summarize(root)
+
     def on_multirun_end(self, config, **kwargs) -> None:
         if config.get("objective"):  # hparams_search=optuna*: the best trial alone is evaluated on test first
             from fusion_bench.hparams.best_trial import report_best_trial

@@ -29,23 +29,24 @@ def ensure_finetuned(fam: ModelFamily, task: str) -> Path:
     if path.is_file():
         log.info("reusing fine-tune %s", path)
         return path
+    src = fam.imported(task)
+    # a user's file is read and checked (readable, keys, shapes, finite) before anything of it enters the store
+    imported = None if src is None else import_encoder(src, fam.pretrained_trainable, task)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path.with_suffix(".lock"))):
         if path.is_file():
             log.info("reusing fine-tune %s (made by a concurrent job)", path)
+            return path
+        if imported is not None:
+            fam.store.save(path, imported, {"task": task, "mode": "standard", "model": fam.cfg.model.name,
+                                            "imported_from": str(src.resolve())})
+            log.info("imported fine-tune of %s from %s -> %s", task, src, path)
             return path
         return _make(fam, task, path)
 
 
 def _make(fam: ModelFamily, task: str, path: Path) -> Path:
     cfg = fam.cfg
-    src = fam.imported(task)
-    if src is not None:
-        state = import_encoder(src, fam.pretrained_trainable)
-        fam.store.save(path, state, {"task": task, "mode": "standard", "model": cfg.model.name,
-                                     "imported_from": str(src.resolve())})
-        log.info("imported fine-tune of %s from %s -> %s", task, src, path)
-        return path
     module = fam.modes.build_mode_model(fam.mode_cfg, fam.encoder)
     work_dir = path.with_suffix(".partial")
     with parked(fam.encoder, work_dir, keep=module):  # theta_0 waits on disk while its copy trains

@@ -20,15 +20,52 @@ import torch
 from omegaconf import DictConfig
 from torch.utils._pytree import tree_map
 
+from fusion_bench.errors import ConfigError
 from fusion_bench.families.base import ModelFamily
 from fusion_bench.merging.adamerging import adamerging, ties_task_vectors
 from fusion_bench.merging.lorahub import lorahub, lorahub_origin
 from fusion_bench.reporting import plots
 from fusion_bench.stages.merge import Method
+from fusion_bench.validation.ranges import (
+    COUNT,
+    FLAG,
+    SEED,
+    TORCH_SEED,
+    Range,
+    choice,
+    fraction,
+    integer,
+    non_negative,
+    positive,
+)
 
 log = logging.getLogger(__name__)
 
 WEIGHTED = ("task_arithmetic", "ties_merging")  # methods whose merge is a weighted sum of task vectors
+
+# The settings of each strategy's block (`coefficients=...` or a method's own `coefficients:`), checked before any
+# work by the validation pass (fusion_bench/validation/check.py).
+STRATEGY_RANGES: dict[str, dict[str, Range]] = {
+    "grid": {},
+    "adamerging": {
+        "layer_wise": FLAG,
+        "steps": integer(0, note="Adam steps; 0 keeps the initial coefficients"),
+        "lr": positive("Adam's learning rate"),
+        "batch_size": COUNT,
+        "batches_per_task": COUNT,
+        "init": fraction(note="the coefficients' start, inside the clamp box [0, 1]"),
+        "clamp_in_forward": FLAG,
+        "split": choice("train", "val", "test"),
+        "seed": TORCH_SEED,
+    },
+    "lorahub": {
+        "budget": integer(1, note="evaluations of the objective"),
+        "bound": positive("weights are searched in [-bound, bound]"),
+        "l1": non_negative(),
+        "examples_per_task": COUNT,
+        "seed": SEED,
+    },
+}
 
 
 def check(fam: ModelFamily, method: Method, coef_cfg: DictConfig, tasks: list[str]) -> None:
@@ -37,32 +74,32 @@ def check(fam: ModelFamily, method: Method, coef_cfg: DictConfig, tasks: list[st
     if strategy == "grid":
         return
     if method.cfg.get("statistics"):
-        raise ValueError(f"coefficients={strategy} learns the coefficients of a weighted merge; method="
-                         f"{method.name} weighs by statistics instead: use coefficients=grid")
+        raise ConfigError(f"coefficients={strategy} learns the coefficients of a weighted merge; method="
+                          f"{method.name} weighs by statistics instead: use coefficients=grid")
     if strategy == "adamerging":
         if method.func.__name__ not in WEIGHTED:
-            raise ValueError(f"coefficients=adamerging learns coefficients of task_arithmetic (AdaMerging) or ties "
-                             f"(AdaMerging++) task vectors, not of method={method.name}")
+            raise ConfigError(f"coefficients=adamerging learns coefficients of task_arithmetic (AdaMerging) or ties "
+                              f"(AdaMerging++) task vectors, not of method={method.name}")
         if not fam.merges_plain_weights:
-            raise ValueError(f"coefficients=adamerging runs the encoder at merged weights, but finetune={fam.mode} "
-                             f"merges {'LoRA adapters' if fam.merges_adapters else 'a linearized model'}: use "
-                             f"finetune=standard, attention, linear_layers or lora (task_vector=delta_w)")
+            raise ConfigError(f"coefficients=adamerging runs the encoder at merged weights, but finetune={fam.mode} "
+                              f"merges {'LoRA adapters' if fam.merges_adapters else 'a linearized model'}: use "
+                              f"finetune=standard, attention, linear_layers or lora (task_vector=delta_w)")
         _needs(fam, "logits_at", strategy)
     elif strategy == "lorahub":
         if not fam.merges_adapters:
-            raise ValueError(f"coefficients=lorahub combines LoRA adapters: use finetune=l_lora, or finetune=lora "
-                             f"finetune.task_vector=adapters (got finetune={fam.mode})")
+            raise ConfigError(f"coefficients=lorahub combines LoRA adapters: use finetune=l_lora, or finetune=lora "
+                              f"finetune.task_vector=adapters (got finetune={fam.mode})")
         _needs(fam, "loss", strategy)
     else:
-        raise ValueError(f"coefficients.strategy={strategy!r}; expected grid, adamerging or lorahub")
+        raise ConfigError(f"coefficients.strategy={strategy!r}; expected grid, adamerging or lorahub")
     fam.require_split(tasks, coef_cfg.get("split", "val"), f"coefficients={strategy} (inputs to learn from)")
 
 
 def _needs(fam: ModelFamily, what: str, strategy: str) -> None:
     """The family must give `what` (a differentiable classifier, a loss) for the strategy."""
     if getattr(type(fam), what) is getattr(ModelFamily, what):
-        raise ValueError(f"coefficients={strategy} is not available for model={fam.cfg.model.name} "
-                         f"({type(fam).__name__} has no `{what}`)")
+        raise ConfigError(f"coefficients={strategy} is not available for model={fam.cfg.model.name} "
+                          f"({type(fam).__name__} has no `{what}`)")
 
 
 def learn(fam: ModelFamily, method: Method, coef_cfg: DictConfig, finetuned: list[dict], tasks: list[str],

@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from safetensors.torch import save_file
 
+from fusion_bench.errors import ConfigError
 from fusion_bench.evaluation.search import affine_in_coef
 from fusion_bench.export.files import new_file
 from fusion_bench.export.task_specific import write_task_specific
@@ -30,7 +31,8 @@ class Method:
         self.func = getattr(self.fn, "func", self.fn)
         needs = getattr(self.func, "requires_mode", None)
         if needs and mode != needs:
-            raise ValueError(f"method needs fine-tunes of finetune={needs}, got finetune={mode}")
+            raise ConfigError(f"method {getattr(self.func, '__name__', name)} needs fine-tunes of finetune={needs}, "
+                              f"got finetune={mode}")
         self.name = name or self.func.__name__
         self.chosen: dict = {}  # hyper-parameters picked on val (TALL lambdas), given to every merge
         self.inputs: dict = {}  # what the stages computed for every merge (per-task statistics)

@@ -9,13 +9,14 @@ sweep (fusion_bench/hparams/best_trial.py).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from fusion_bench.errors import ConfigError
 from fusion_bench.evaluation.search import normalized_mean
+from fusion_bench.reporting import finite_json
 from fusion_bench.reporting.report import fresh_path
 from fusion_bench.stages.evaluate import merged_accuracies
 from fusion_bench.store import atomic_write_text
@@ -30,10 +31,10 @@ def check(cfg: DictConfig) -> None:
     if objective is None:
         return
     if objective not in OBJECTIVES:
-        raise ValueError(f"objective={objective!r}: expected one of {OBJECTIVES} or null")
+        raise ConfigError(f"objective={objective!r}: expected one of {OBJECTIVES} or null")
     if cfg.stage not in ("all", "evaluate"):
-        raise ValueError(f"objective={objective} scores a merge on val: it needs stage=all or "
-                         f"stage=evaluate, not stage={cfg.stage}")
+        raise ConfigError(f"objective={objective} scores a merge on val: it needs stage=all or "
+                          f"stage=evaluate, not stage={cfg.stage}")
 
 
 def score_trial(cfg: DictConfig, fam, method, merged, ref: dict, tasks: list[str], run_dir: Path,
@@ -53,7 +54,7 @@ def score_trial(cfg: DictConfig, fam, method, merged, ref: dict, tasks: list[str
         "search": search,
         "method_config": OmegaConf.to_container(cfg.method, resolve=True),
     }
-    path = atomic_write_text(fresh_path(Path(run_dir) / TRIAL_FILE), json.dumps(record, indent=2))
+    path = atomic_write_text(fresh_path(Path(run_dir) / TRIAL_FILE), finite_json.dumps(record, indent=2))
     log.info("trial: average normalized val accuracy %.4f (%s); %s", record["value"],
              ", ".join(f"{t} {v['normalized_val']:.3f}" for t, v in per_task.items()), path)
     return record

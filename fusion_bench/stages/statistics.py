@@ -24,16 +24,25 @@ import torch
 from torch.utils._pytree import tree_map
 
 from fusion_bench import keys
+from fusion_bench.errors import ConfigError
 from fusion_bench.families.base import ModelFamily
 from fusion_bench.reporting.memory import release
 from fusion_bench.stages.finetune import finetuned_state
 from fusion_bench.stages.merge import Method
 from fusion_bench.statistics.grams import GRAMS_VERSION
 from fusion_bench.store import CheckpointError, atomic_save_safetensors, config_hash
+from fusion_bench.validation.ranges import COUNT, TORCH_SEED, Range, choice, integer
 
 log = logging.getLogger(__name__)
 
 KINDS = {"gram": "grams", "fisher": "fishers"}  # statistic -> the merging function's argument
+RANGES: dict[str, Range] = {  # method.statistics, checked before any work (fusion_bench/validation/check.py)
+    "kind": choice(*KINDS),
+    "num_samples": integer(1, note="train examples per task"),
+    "batch_size": COUNT,
+    "seed": TORCH_SEED,
+    "target": choice("sample", "label", "expected"),  # what a family offers: ModelFamily.fisher_targets
+}
 
 
 def spec(method: Method) -> dict | None:
@@ -43,7 +52,7 @@ def spec(method: Method) -> dict | None:
         return None
     s = {"num_samples": 256, "batch_size": 16, "seed": 0, "target": "sample", **keys.resolved(s)}
     if s.get("kind") not in KINDS:
-        raise ValueError(f"method={method.name}: statistics.kind={s.get('kind')!r}; expected one of {sorted(KINDS)}")
+        raise ConfigError(f"method={method.name}: statistics.kind={s.get('kind')!r}; expected one of {sorted(KINDS)}")
     return s
 
 
@@ -54,12 +63,12 @@ def check(fam: ModelFamily, method: Method, tasks: list[str]) -> None:
         return
     what = {"gram": "input Gram matrices of the encoder's linear maps", "fisher": "the Fisher of its weights"}
     if not fam.merges_plain_weights:
-        raise ValueError(f"method={method.name} needs {what[s['kind']]}, but finetune={fam.mode} merges "
-                         f"{'LoRA adapters' if fam.merges_adapters else 'a linearized model'}, for which there are none: "
-                         f"use finetune=standard, attention, linear_layers or lora")
+        raise ConfigError(f"method={method.name} needs {what[s['kind']]}, but finetune={fam.mode} merges "
+                          f"{'LoRA adapters' if fam.merges_adapters else 'a linearized model'}, for which there are none: "
+                          f"use finetune=standard, attention, linear_layers or lora")
     if s["kind"] == "fisher" and s["target"] not in fam.fisher_targets:
-        raise ValueError(f"method={method.name}: statistics.target={s['target']!r} is not available for "
-                         f"model={fam.cfg.model.name}; use one of {list(fam.fisher_targets)}")
+        raise ConfigError(f"method={method.name}: statistics.target={s['target']!r} is not available for "
+                          f"model={fam.cfg.model.name}; use one of {list(fam.fisher_targets)}")
     fam.require_split(tasks, "train", f"method={method.name} ({what[s['kind']]})")
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from fusion_bench.errors import ConfigError
 from fusion_bench.evaluation.accuracy import eval_device
 from fusion_bench.families.base import ModelFamily, validate_common
 from fusion_bench.statistics import diagonal_fisher, input_grams
@@ -46,22 +47,22 @@ class T5Family(ModelFamily):
     @classmethod
     def validate(cls, cfg: DictConfig) -> None:
         if cfg.taskpool.get("source") != "glue":
-            raise ValueError(f"model={cfg.model.name} is a T5 model: use taskpool=glue "
-                             f"(got taskpool={cfg.taskpool.name})")
+            raise ConfigError(f"model={cfg.model.name} is a T5 model: use taskpool=glue "
+                              f"(got taskpool={cfg.taskpool.name})")
         if cfg.get("finetuned_from"):
-            raise ValueError("finetuned_from imports CLIP image encoders; for T5, fine-tune with stage=finetune")
+            raise ConfigError("finetuned_from imports CLIP image encoders; for T5, fine-tune with stage=finetune")
         if cfg.finetune.get("train_head"):
-            raise ValueError("finetune.train_head=true trains an image classifier's head; T5 generates its answers "
-                             "as text and has no head: set finetune.train_head=false")
+            raise ConfigError("finetune.train_head=true trains an image classifier's head; T5 generates its answers "
+                              "as text and has no head: set finetune.train_head=false")
         if cfg.finetune.mode not in MODES:
-            raise ValueError(f"finetune={cfg.finetune.mode} is not available for T5; use one of {MODES}")
+            raise ConfigError(f"finetune={cfg.finetune.mode} is not available for T5; use one of {MODES}")
         if eval_device(cfg.trainer)[1] is torch.float16:
-            raise ValueError(f"trainer.precision={cfg.trainer.precision}: T5's activations overflow float16 (inf/NaN "
-                             f"losses); use bf16-mixed or 32-true")
+            raise ConfigError(f"trainer.precision={cfg.trainer.precision}: T5's activations overflow float16 (inf/NaN "
+                              f"losses); use bf16-mixed or 32-true")
         validate_common(cfg, sorted(glue.TASKS))
         if cfg.stage == "analyze" and cfg.analysis.kind not in ("cosine", "num_tasks"):
-            raise ValueError(f"analysis={cfg.analysis.kind} compares image-classifier predictions; for T5 use "
-                             f"analysis=cosine or analysis=num_tasks")
+            raise ConfigError(f"analysis={cfg.analysis.kind} compares image-classifier predictions; for T5 use "
+                              f"analysis=cosine or analysis=num_tasks")
 
     @classmethod
     def check_output(cls, cfg: DictConfig, fmt: str, adapters: bool) -> None:

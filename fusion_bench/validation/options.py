@@ -1,0 +1,89 @@
+"""The ranges of the run-level options (conf/config.yaml and the model, taskpool, finetune, trainer, analysis and
+hparams_search groups), by dotted path. An option absent from the run's config (T5's max_source_length in a CLIP
+run, analysis.* without analysis=...) is not checked. A merging method's settings are declared with the method
+(fusion_bench/merging/*.py, `<function>.ranges`), the statistics and coefficient strategies' blocks in the stages
+that read them. tests/test_validation_ranges.py fails for a numeric option of conf/ that no range covers.
+"""
+
+from __future__ import annotations
+
+from fusion_bench.validation.ranges import (
+    ANY_NUMBER,
+    COUNT,
+    FLAG,
+    ONE_COEF,
+    SEED,
+    TORCH_SEED,
+    ListOf,
+    Maybe,
+    Number,
+    Pattern,
+    Range,
+    TaskNames,
+    any_of,
+    choice,
+    fraction,
+    integer,
+    non_negative,
+    positive,
+)
+
+STAGES = ("finetune", "merge", "evaluate", "all", "analyze")
+SPLITS = ("train", "val", "test")
+
+RUN_OPTIONS: dict[str, Range] = {
+    # conf/config.yaml
+    "stage": choice(*STAGES),
+    "seed": SEED,
+    "num_threads": COUNT,
+    "output.adapters": FLAG,
+    # taskpool=
+    "taskpool.tasks": TaskNames(),
+    "taskpool.version": integer(0, note="the tiny generators' version"),
+    "taskpool.val_fraction": fraction(low_open=True, high_open=True, note="the share of train carved out as val"),
+    "taskpool.max_val": COUNT,
+    "taskpool.split_seed": TORCH_SEED,
+    "taskpool.num_workers": integer(0, note="DataLoader worker processes"),
+    "taskpool.train_augment": FLAG,
+    "taskpool.cache_eval": FLAG,
+    # model=
+    "model.eval_batch_size": COUNT,
+    "model.max_source_length": COUNT,
+    "model.max_target_length": COUNT,
+    "model.max_new_tokens": COUNT,
+    "model.download": FLAG,
+    "model.train.lr": positive("the learning rate"),
+    "model.train.weight_decay": non_negative(),
+    "model.train.batch_size": COUNT,
+    "model.train.steps": integer(1, note="optimizer steps of each fine-tune"),
+    "model.train.warmup_steps": integer(0),
+    "model.train.checkpoint_every": integer(1, note="steps between resumable checkpoints"),
+    # finetune=
+    "finetune.r": integer(1, note="LoRA rank"),
+    "finetune.alpha": positive("LoRA scales its update by alpha / r"),
+    "finetune.dropout": Number(0, 0, note="LoRA on attention is applied as merged weights: there is no input to drop"),
+    "finetune.init": choice("zero_b", "compensated"),
+    "finetune.init_seed": TORCH_SEED,
+    "finetune.task_vector": choice("delta_w", "adapters"),
+    "finetune.train_head": FLAG,
+    "finetune.train_bias": FLAG,
+    "finetune.posthoc": FLAG,
+    # trainer=
+    "trainer.devices": any_of(COUNT, choice(-1, "auto"), ListOf(integer(0), min_len=1),
+                              Pattern(r"-1|\d+(\s*,\s*\d+)*,?", "a string of device indices such as '0,1'")),
+    "trainer.log_every_n_steps": COUNT,
+    "trainer.deterministic": Maybe(any_of(FLAG, choice("warn"))),
+    # analysis=
+    "analysis.grid_points": COUNT,
+    "analysis.low": ANY_NUMBER,
+    "analysis.high": ANY_NUMBER,
+    "analysis.keep": fraction(low_open=True, note="the share of the control task's pretrained accuracy to keep"),
+    "analysis.max_subsets": COUNT,
+    "analysis.scaling_coef": ONE_COEF,
+    "analysis.split": choice(*SPLITS),
+    # hparams_search=optuna_task_coefs
+    "task_coefs_space.low": ANY_NUMBER,
+    "task_coefs_space.high": ANY_NUMBER,
+}
+
+ORDERED_PAIRS = (("analysis.low", "analysis.high", "<"), ("task_coefs_space.low", "task_coefs_space.high", "<="))
