@@ -61,3 +61,18 @@ def test_summary_of_searched_runs_in_job_order(tmp_path):
     assert [r["run"] for r in rows] == [f"{i}/report.json" for i in range(12)]
     for name in ("search_tiny_clip_standard.png", "search_tiny_clip_lora.png", "normalized_tiny_clip.png"):
         assert (tmp_path / name).stat().st_size > 10_000
+
+
+def test_summary_plots_runs_with_non_finite_results(tmp_path):
+    """report.json writes null for NaN / inf (reporting.finite_json): the curves and the heatmap take it as a gap."""
+    from fusion_bench.reporting.finite_json import dumps
+
+    grid = [0.0, 0.5, 1.0]
+    for i, (method, coef) in enumerate([("task_arithmetic", 0.0), ("task_arithmetic", 0.5), ("ties", 0.5)]):
+        rep = _report(coef, {"a": float("nan") if i == 1 else 0.3, "b": 0.4}, method)
+        rep.update(search={"grid": grid, "val_normalized": [0.1, float("nan"), 0.2]})
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "report.json").write_text(dumps(rep))
+    summarize(tmp_path)
+    assert (tmp_path / "normalized_tiny_clip.png").stat().st_size > 10_000
+    assert (tmp_path / "accuracy_vs_coef_tiny_clip_standard_task_arithmetic.png").stat().st_size > 10_000

@@ -266,3 +266,23 @@ def test_low_rank_fine_tunes_stored_as_fp32_weights():
     u, s_all, vh = plain_svd(sum(taus))
     ref_c = s_all[:32].sum() / 80 * (u[:, :32] @ vh[:32])
     assert rel(iso_c(pre, fts)["w"].double() - pre["w"].double(), ref_c) <= 1e-4
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_full_merge_path_with_large_pretrained_weights(seed):
+    """Through iso_c / iso_cts / tsv_merging with theta_0 large against the task vectors (rms 0.3, task vectors
+    1e-3): the weights' rounding tolerance must not reach the sum's real small directions (the roundings of
+    separately stored fine-tunes add as sqrt(T), not T: a T-fold cut-off dropped one here, 1/sqrt(384) error)."""
+    from fusion_bench.merging import iso_c, iso_cts, tsv_merging
+
+    taus = overlapping((384, 384), 8, seed=seed)
+    g = torch.Generator().manual_seed(8 + seed)
+    pre = {"w": torch.randn(384, 384, generator=g) * 0.3}
+    fts = [{"w": pre["w"] + t} for t in taus]
+    real = [ft["w"].double() - pre["w"].double() for ft in fts]  # the task vectors the fp32 weights hold
+    # well posed: the sum's smallest direction lies far above the weights' rounding (which the data cannot undo)
+    rounding = torch.linalg.matrix_norm(sum(r - t.double() for r, t in zip(real, taus)), 2)
+    assert torch.linalg.svdvals(sum(real))[-1] > 5 * rounding
+    for fn, ref in ((iso_c, plain_iso_c), (iso_cts, plain_iso_cts), (tsv_merging, plain_tsv)):
+        out = fn(pre, fts)["w"].double() - pre["w"].double()
+        assert rel(out, ref(real)) <= 1e-5, fn.__name__

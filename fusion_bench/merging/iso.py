@@ -100,7 +100,7 @@ def iso_c_key(taus: list[Tensor], key: str = "", noise: float = 0.0) -> Callable
     def done() -> Tensor:
         L, Q = fut.result()
         mean_s = L.clamp_min(0).sqrt().mean()
-        return polar_from_eigh(M, L, Q, noise=len(taus) * noise).mul_(mean_s).to(torch.float32)
+        return polar_from_eigh(M, L, Q, noise=len(taus) ** 0.5 * noise).mul_(mean_s).to(torch.float32)
 
     return done
 
@@ -135,7 +135,7 @@ def _iso_cts_finish(
     r, T = min(rows, cols), len(taus)
     c, d = iso_cts_sizes(r, T, common_space_fraction)
     L, Q = eig
-    sc, Qc, inv_c = eig_triplets(L, Q, c, M.shape, len(taus) * noise)
+    sc, Qc, inv_c = eig_triplets(L, Q, c, M.shape, len(taus) ** 0.5 * noise)
     if rows_side:
         Uc, Vc = Qc, (M.T @ Qc) * inv_c
     else:

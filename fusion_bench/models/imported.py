@@ -54,6 +54,8 @@ def import_encoder(src: Path, pretrained: Mapping[str, torch.Tensor], task: str 
         state = read_encoder(src)
     except MissingFileError:
         raise
+    except WeightsFormatError as e:  # the reader's own refusal (e.g. a pickle without the opt-in flag): keep its advice
+        raise WeightsFormatError(f"{who}: {one_line(e)}") from e
     except Exception as e:  # whatever the reader of a broken file raises (safetensors, torch, json, zip)
         raise WeightsFormatError(f"{who} is not a readable weights file ({type(e).__name__}: {one_line(e)}): give a "
                                  f"safetensors file, a torch state dict or a transformers save_pretrained folder"

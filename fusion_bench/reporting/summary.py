@@ -114,14 +114,19 @@ def summarize(root: str | Path) -> Path | None:
             continue
         reps.sort(key=lambda r: r["scaling_coef"])
         xs = [r["scaling_coef"] for r in reps]
-        series = {t: [r["tasks"][t]["merged"] for r in reps] for t in reps[0]["tasks"]}
-        series["average"] = [r["average"]["merged"] for r in reps]
+        series = {t: [_num(r["tasks"][t]["merged"]) for r in reps] for t in reps[0]["tasks"]}
+        series["average"] = [_num(r["average"]["merged"]) for r in reps]
         plots.curves(xs, series, f"{method} | {model} | finetune={mode}", "scaling coefficient", "test accuracy",
                      root / f"accuracy_vs_coef_{model}_{mode}_{method}.png")
     _search_plots(reports, root)
     log.info("summary of %d runs (%d failed) written to %s", len(reports) + len(failed), len(failed),
              root / "summary.md")
     return root / "summary.md"
+
+
+def _num(v) -> float:
+    """A report's number for a plot: ``null`` (a non-finite value, reporting.finite_json) is NaN, a gap."""
+    return np.nan if v is None else float(v)
 
 
 def _search_plots(reports: list[dict], root: Path) -> None:
@@ -135,14 +140,15 @@ def _search_plots(reports: list[dict], root: Path) -> None:
         cells[r["model"]][(r["finetune"], r["method"])] = r["average"]["normalized"]
     for (model, mode), by_method in curves.items():
         grid = next(iter(by_method.values()))["grid"]
-        plots.curves(grid, {m: s["val_normalized"] for m, s in by_method.items() if s["grid"] == grid},
+        plots.curves(grid, {m: [_num(v) for v in s["val_normalized"]] for m, s in by_method.items()
+                            if s["grid"] == grid},
                      f"coefficient search | {model} | finetune={mode}", "scaling coefficient",
                      "val normalized accuracy", root / f"search_{model}_{mode}.png")
     for model, cell in cells.items():
         modes, methods = list(dict.fromkeys(k[0] for k in cell)), list(dict.fromkeys(k[1] for k in cell))
         if len(modes) * len(methods) < 2:
             continue
-        matrix = np.array([[cell.get((a, b), np.nan) for b in methods] for a in modes])
+        matrix = np.array([[_num(cell.get((a, b))) for b in methods] for a in modes], dtype=float)
         plots.heatmap(matrix, methods, f"test normalized accuracy | {model}", root / f"normalized_{model}.png",
                       row_labels=modes)
 

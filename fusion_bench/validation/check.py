@@ -65,7 +65,8 @@ def check_options(cfg: DictConfig) -> list[str]:
         if low in found and high in found and not (found[low] < found[high] if op == "<" else found[low] <= found[high]):
             raise ConfigError(f"{low}={shown(found[low])} and {high}={shown(found[high])}: {low} must be {op} {high}")
     if isinstance(values.get("method"), Mapping):
-        warnings += _check_method(values["method"], ctx, checked)
+        # stage=finetune merges nothing: the relations between a method's settings and the tasks do not apply
+        warnings += _check_method(values["method"], ctx, checked, relations=values.get("stage") != "finetune")
     for prefix in ("coefficients", "method.coefficients"):
         block = _at(values, prefix)
         if isinstance(block, Mapping):
@@ -125,7 +126,7 @@ def range_of(values: Mapping, option: str) -> Range | None:
     return None
 
 
-def _check_method(method: Mapping, ctx: Context, checked: set[str]) -> list[str]:
+def _check_method(method: Mapping, ctx: Context, checked: set[str], relations: bool = True) -> list[str]:
     fn = method_function(method)
     name = getattr(fn, "__name__", str(method.get("_target_")))
     params = inspect.signature(fn).parameters
@@ -142,9 +143,9 @@ def _check_method(method: Mapping, ctx: Context, checked: set[str]) -> list[str]
         if key in ranges:
             warnings.append(ranges[key].check(f"method.{key}", value, ctx))
             checked.add(f"method.{key}")
-    relations = getattr(fn, "check_settings", None)
-    if relations is not None:
-        relations(settings, ctx)
+    check_settings = getattr(fn, "check_settings", None)
+    if relations and check_settings is not None:
+        check_settings(settings, ctx)
     statistics = method.get("statistics")
     if statistics is not None:
         from fusion_bench.stages.statistics import RANGES

@@ -123,7 +123,7 @@ def fraction(low_open: bool = False, high_open: bool = False, note: str = "") ->
 
 COUNT = integer(1)  # steps, batch sizes, samples: at least one
 SEED = integer(0, SEED_MAX, note="numpy's seed range")  # a seed numpy or Lightning takes (run seed, LoraHub)
-TORCH_SEED = integer()  # a seed only torch generators take: any integer
+TORCH_SEED = integer(-(2**63), 2**64 - 1)  # a seed only torch generators take: what manual_seed accepts
 ANY_NUMBER = Number()  # finite
 
 
