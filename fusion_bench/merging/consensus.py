@@ -53,7 +53,6 @@ exact global trim thresholds).
 
 from __future__ import annotations
 
-import logging
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -69,19 +68,14 @@ from .task_vectors import (
     MergeInputs,
     StateDict,
     Workspace,
-    fill_abs_task_vector,
     finish,
     is_number,
-    kth_largest,
-    n_keep,
     prepare,
     scalar_coef,
     shrink_lambda,
     stream_blocks,
 )
-from .ties import KEPT_FRACTION, check_k
-
-log = logging.getLogger(__name__)
+from .ties import KEPT_FRACTION, check_k, global_thresholds, ties_block
 
 #: the paper's grid for each task's TALL-mask lambda (chosen per task on validation)
 tall_mask_lambda_grid: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6)
@@ -133,47 +127,6 @@ def _check_agg(ties_agg: str, method: str) -> str:
     return ties_agg
 
 
-def official_trim_thresholds(inp: MergeInputs, k: float) -> list[float]:
-    """Per task, the ``(int(k * N) + 1)``-th largest ``|tau_t|`` over all ``N`` float entries (module doc).
-
-    The official ``topk_values_mask`` takes ``kthvalue(N - int(k * N))`` of ``|tau_t|`` (the
-    ``(N - int(k N))``-th smallest, i.e. the ``(int(k N) + 1)``-th largest) and keeps ``|tau_t| >=`` it.
-    """
-    total = inp.n_float
-    m = n_keep(k, total) + 1
-    buf = torch.empty(total, dtype=torch.float32)
-    thresholds = []
-    for t in range(inp.n):
-        thresholds.append(kth_largest(fill_abs_task_vector(inp, t, buf), m))
-    del buf
-    log.debug("TIES thresholds for tau_MTL (k=%s, the %d-th largest of %d): %s", k, m, total, thresholds)
-    return thresholds
-
-
-def ties_mtl_block(X: Tensor, shrinks: Sequence[float], agg: str, ws: Workspace) -> Tensor:
-    """TIES ``tau_MTL`` of an ``(n, c)`` block (``X`` trimmed and overwritten): trim by ``hardshrink``,
-    elect ``gamma = sign(sum)`` (``+`` for a zero sum), disjoint sum or mean of the agreeing entries.
-
-    Without bool tensors (slow on CPU): ``e = sign(sign(S) + 0.5)`` is the elected sign and
-    ``relu(e * X)`` the agreeing magnitudes; their number of non-zeros counts the agreeing tasks.
-    """
-    n, c = X.shape
-    for t, lmb in enumerate(shrinks):
-        if lmb == math.inf:
-            X[t].zero_()
-        elif lmb > 0.0:
-            torch.ops.aten.hardshrink.out(X[t], lmb, out=X[t])
-    S = torch.sum(X, 0, out=ws.get("S", c))
-    e = torch.sign(S, out=ws.get("e", c)).add_(0.5).sign_()
-    X.mul_(e).clamp_(min=0.0)  # |agreeing entries|, 0 elsewhere
-    num = torch.sum(X, 0, out=S)
-    if agg == "mean":
-        nz = torch.ne(X, 0.0, out=ws.block("nz", n, c))
-        cnt = torch.sum(nz, 0, out=ws.get("cnt", c)).clamp_(min=1.0)
-        num.div_(cnt)
-    return num.mul_(e)
-
-
 def _tall_pass(
     inp: MergeInputs,
     lambdas: Sequence[float],
@@ -189,14 +142,14 @@ def _tall_pass(
     ws, ws_ties = Workspace(), Workspace()
     if base == "ties":
         shrinks = (
-            [0.0] * n if ties_k >= 1.0 else [shrink_lambda(v) for v in official_trim_thresholds(inp, ties_k)]
+            [0.0] * n if ties_k >= 1.0 else [shrink_lambda(v) for v in global_thresholds(inp, ties_k, extra=1)]
         )
 
     def block(X: Tensor, key: str, s: int, e: int, p32: Tensor) -> None:
         c = e - s
         if base == "ties":
             Y = ws_ties.block("Y", n, c).copy_(X)
-            mtl = ties_mtl_block(Y, shrinks, ties_agg, ws_ties)  # a ws_ties view
+            mtl = ties_block(Y, shrinks, 1.0, ws_ties, ties_agg)  # a ws_ties view
         else:
             mtl = torch.sum(X, 0, out=ws.get("mtl", c))
         M = ws.block("M", n, c, torch.bool)

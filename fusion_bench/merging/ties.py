@@ -65,10 +65,13 @@ def check_k(k: float, method: str) -> None:
         raise ValueError(f"{method}: k={k!r} must be a fraction in (0, 1] (0.2 keeps the top 20% of |tau|)")
 
 
-def global_thresholds(inp: MergeInputs, k: float, transform: Transform | None = None) -> list[float]:
-    """Exact per-task magnitude thresholds over the whole flattened (transformed) task vector."""
+def global_thresholds(
+    inp: MergeInputs, k: float, transform: Transform | None = None, extra: int = 0
+) -> list[float]:
+    """Exact per-task magnitude thresholds over the whole flattened (transformed) task vector: the
+    ``(n_keep(k, N) + extra)``-th largest ``|tau_t|`` (``extra=1``: the TALL-masks code's count)."""
     total = inp.n_float
-    m = n_keep(k, total)
+    m = min(n_keep(k, total) + extra, total)
     buf = torch.empty(total, dtype=torch.float32)
     thresholds = []
     for t in range(inp.n):
@@ -113,8 +116,9 @@ def ties_merge(
     return stream_merge(inp, combine, transform, chunk=chunk)
 
 
-def ties_block(X: Tensor, shrinks: Sequence[float], lam: float, ws: Workspace) -> Tensor:
-    """Trim (in place, ``hardshrink`` per task), elect, disjoint-mean an ``(n, c)`` block; times ``lam``.
+def ties_block(X: Tensor, shrinks: Sequence[float], lam: float, ws: Workspace, agg: str = "mean") -> Tensor:
+    """Trim (in place, ``hardshrink`` per task), elect (``+`` for a zero sum), disjoint-mean (``agg="sum"``:
+    disjoint sum) an ``(n, c)`` block; times ``lam``.
 
     Written without bool tensors (slow on CPU): ``e = sign(sign(S) + 0.5)`` is the elected sign
     (``+1`` for ``S >= 0``), ``relu(e * X)`` keeps the agreeing magnitudes, and the count of its
@@ -130,9 +134,10 @@ def ties_block(X: Tensor, shrinks: Sequence[float], lam: float, ws: Workspace) -
     e = torch.sign(S, out=ws.get("e", c)).add_(0.5).sign_()
     X.mul_(e).clamp_(min=0.0)  # |agreeing entries|, 0 elsewhere
     num = torch.sum(X, 0, out=S)
-    nz = torch.ne(X, 0.0, out=ws.block("nz", n, c))
-    cnt = torch.sum(nz, 0, out=ws.get("cnt", c)).clamp_(min=1.0)
-    return num.div_(cnt).mul_(e).mul_(lam)
+    if agg == "mean":
+        nz = torch.ne(X, 0.0, out=ws.block("nz", n, c))
+        num.div_(torch.sum(nz, 0, out=ws.get("cnt", c)).clamp_(min=1.0))
+    return num.mul_(e).mul_(lam)
 
 # What each setting must be, checked with the rest of the config before any work (fusion_bench/validation).
 KEPT_FRACTION = fraction(low_open=True, note="the share of each task vector's |tau| kept; 0.2 keeps the top 20%")
