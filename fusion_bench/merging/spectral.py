@@ -35,11 +35,12 @@ A singular direction that the data cannot determine is treated as zero; nothing 
 
   - the rounding of the weights: ``tau_t = theta_t - theta_0`` of fp32 weights carries the
     rounding of both, a matrix whose spectral norm is about ``eps_32 rms(theta_0) (sqrt(rows) +
-    sqrt(cols)) / 2.4``; the tolerance is ``noise = eps rms(theta_0) (sqrt(rows) + sqrt(cols))``
-    per task vector (``eps`` of the stored dtype: bf16 weights round 65,536 times coarser), and
-    ``sqrt(T) noise`` for a sum of ``T`` (their roundings are independent: a ``T noise`` cut-off
-    dropped real directions of Iso-C's sum where theta_0 is large against the task vectors).  A LoRA fine-tune stored as full weights is
-    exactly low-rank only up to this: its other singular values (``1e-7`` of ``s_1`` in the test)
+    sqrt(cols)) / 2.4``; the tolerance is ``noise = eps_32 rms(theta_0) (sqrt(rows) + sqrt(cols))``
+    per task vector and ``sqrt(T) noise`` for a sum of ``T`` (their roundings are independent: a
+    ``T noise`` cut-off dropped real directions of Iso-C's sum where theta_0 is large against the
+    task vectors).  Weights stored in bf16 are taken as the exact values they hold (merged in fp32
+    like fp32 weights, the same tolerance).  A LoRA fine-tune stored as full weights is exactly
+    low-rank only up to this: its other singular values (``1e-7`` of ``s_1`` in the test)
     are the weights' rounding, not the fine-tune;
   - the resolution of the data itself: ``sqrt(n eps_64) s_1``, ``n = max(rows, cols)`` (3.4 fp32
     units of ``s_1`` at ``n = 768``, 7 at 3072): below it neither fp32 data nor the float64 Gram
@@ -162,13 +163,11 @@ def data_tol(s1: float, shape: Sequence[int], noise: float = 0.0) -> float:
     return max((max(shape) * EPS64) ** 0.5 * s1, noise)
 
 
-def rounding_noise(pre: Tensor, dtype: torch.dtype = torch.float32) -> float:
-    """``eps rms(theta_0) (sqrt(rows) + sqrt(cols))``, ``eps`` of the stored ``dtype`` (at least fp32's): what
-    the weights' rounding puts into a task vector (module doc)."""
+def rounding_noise(pre: Tensor) -> float:
+    """``eps_32 rms(theta_0) (sqrt(rows) + sqrt(cols))``: what fp32 weights' rounding puts into a task vector."""
     rows, cols = pre.shape
     rms = float(pre.to(torch.float64).pow(2).mean().sqrt())
-    eps = max(torch.finfo(dtype).eps, EPS32) if dtype.is_floating_point else EPS32
-    return eps * rms * (rows**0.5 + cols**0.5)
+    return EPS32 * rms * (rows**0.5 + cols**0.5)
 
 
 def basis_tol(s1: float, shape: Sequence[int]) -> float:
@@ -299,7 +298,7 @@ def merge_2d_keys(
         pre32 = inp.pretrained[key].to(torch.float32)
         taus = [torch.sub(ft[key], pre32).to(torch.float32) for ft in inp.finetuned]
         if len(shape) == 2:
-            upd = two_d(taus, key, rounding_noise(pre32, inp.dtypes[key]))
+            upd = two_d(taus, key, rounding_noise(pre32))
         else:
             upd = taus[0].clone()
             for t in taus[1:]:
