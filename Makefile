@@ -1,6 +1,7 @@
 PY ?= python
 
-.PHONY: setup data test test-fast run tiny-pretrain paper-tiny bench-quick bench-merge bench-finetune bench-calibrate bench-tiny bench-tiny-2024 bench-tiny-data bench-data bench-memory bench-vit-b32 bench-vit-b32-imported bench-vit-l14 bench-flan-t5 lint
+.PHONY: setup data test test-fast run tiny-pretrain paper-tiny bench-quick bench-merge bench-finetune bench-calibrate bench-tiny bench-tiny-2024 bench-tiny-data bench-data bench-memory bench-vit-b32 bench-vit-b32-imported bench-vit-l14 bench-flan-t5 lint \
+	gpu-wheels gpu-check
 
 setup:          ## install fusion_bench and everything it needs (torch 2.14.1 CPU/CUDA wheel from the pin)
 	$(PY) -m pip install -e '.[dev]'
@@ -90,6 +91,16 @@ bench-memory:   ## peak host memory of stage=all / stage=evaluate, eight tasks, 
 	$(PY) -m fusion_bench.benchmarks.memory --arch vit_b32 --methods task_arithmetic adamerging fisher_merging regmean \
 		--json outputs/bench/memory_vit_b32.json
 	$(PY) -m fusion_bench.benchmarks.memory --arch vit_l14 --json outputs/bench/memory_vit_l14.json
+
+# ---- one prepared GPU check (README "The GPU check"): wheels here, the check on the GPU machine (no network there)
+WHEEL_DIR ?= .whl
+GPU_CHECK_ARGS ?=   # e.g. "--out $$OUT/gpu_check.json", "--only 'finetune/vit_b32/*'", "--deadline-s 240"
+
+gpu-wheels:     ## wheels (Python 3.12, manylinux x86_64) of what the GPU machine lacks: open_clip_torch, ftfy, hydra-core, omegaconf, ...
+	$(PY) -m fusion_bench.benchmarks.gpu --download-wheels --wheel-dir $(WHEEL_DIR)
+
+gpu-check:      ## < 5 min on one GPU, from the source tree: fine-tune / eval images/s, merge times, bf16 logits -> outputs/gpu_check/*.json
+	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -m fusion_bench.benchmarks.gpu --wheel-dir $(WHEEL_DIR) $(GPU_CHECK_ARGS)
 
 bench-vit-b32:  ## the papers' protocol on ViT-B/32 (needs weights in paths.cache_dir and data in paths.data_root)
 	$(PY) run.py $(SWEEP) model=vit_b32 taskpool=eight_tasks trainer=gpu
