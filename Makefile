@@ -12,8 +12,8 @@ DATA ?= eight_tasks glue
 data:           ## fetch the eight image tasks and GLUE into ROOT (paths.data_root) in the layouts the loaders read; resumable
 	for b in $(DATA); do $(PY) -m fusion_bench.data.prepare $$b --root $(ROOT) || exit $$?; done
 
-test:           ## the whole test suite (< 15 min on 2 cores)
-	$(PY) -m pytest -q
+test:           ## the whole test suite on every core (pytest-xdist; < 15 min on 2 cores)
+	$(PY) -m pytest -q -n auto
 
 test-fast:      ## everything but the end-to-end fine-tuning tests
 	$(PY) -m pytest -q -m "not slow"
