@@ -52,7 +52,6 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
-import math
 import multiprocessing as mp
 import os
 import platform
@@ -68,6 +67,8 @@ import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fusion_bench.reporting import finite_json  # json and math only: safe before the wheels are installed
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = "fusion_bench.gpu_check/1"
@@ -788,22 +789,12 @@ class Worker:
         self.kill()
 
 
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def write_json_atomic(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(_finite(obj), f, indent=1, allow_nan=False)
+            json.dump(finite_json.finite(obj), f, indent=1, allow_nan=False)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:
