@@ -11,6 +11,8 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_fisher_close as assert_fisher_close_within
+from helpers import classification_batches, tiny_classifier
 from torch import nn
 
 from fusion_bench.merging import model_stock
@@ -42,23 +44,16 @@ def brute_expected_fisher(model, batches):
     return {k: v / n for k, v in acc.items()}
 
 
-def mlp(seed=0, classes=5):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, classes)).eval()
+def mlp(seed=0):
+    return tiny_classifier(seed, classes=5)
 
 
-def batches(sizes=(3, 2), shape=(4,), classes=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(b, *shape, generator=g), torch.randint(0, classes, (b,), generator=g)) for b in sizes
-    ]
+def batches(sizes=(3, 2), shape=(4,), classes=5):
+    return classification_batches(sizes=sizes, shape=shape, classes=classes)
 
 
 def assert_fisher_close(got, want):
-    assert set(got) == set(want)
-    for k in want:
-        assert got[k].dtype == torch.float32
-        torch.testing.assert_close(got[k].double(), want[k], rtol=1e-4, atol=1e-10, msg=k)
+    assert_fisher_close_within(got, want, atol=1e-10)
 
 
 @pytest.mark.parametrize("chunk", [1, 2, None])  # 5 classes: chunks of 1, 2 (+ a remainder of 1), all

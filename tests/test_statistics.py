@@ -9,6 +9,8 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_fisher_close as assert_fisher_close_within
+from helpers import classification_batches, tiny_classifier
 from torch import nn
 
 from fusion_bench.statistics import diagonal_fisher, input_grams, mha_out_proj_input
@@ -266,22 +268,11 @@ def reference_fisher(model, batches, target, seed=0, ll=None):
 
 
 def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
-
-
-def classification_batches(seed=0, sizes=(5, 4), shape=(4,), classes=3):
-    g = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(b, *shape, generator=g), torch.randint(0, classes, (b,), generator=g)) for b in sizes
-    ]
+    return tiny_classifier(seed, classes=3)
 
 
 def assert_fisher_close(got, want):
-    assert set(got) == set(want)
-    for k in want:
-        assert got[k].dtype == torch.float32
-        torch.testing.assert_close(got[k].double(), want[k], rtol=1e-4, atol=1e-9, msg=k)
+    assert_fisher_close_within(got, want, atol=1e-9)
 
 
 @pytest.mark.parametrize("target", ["sample", "label"])
