@@ -35,6 +35,9 @@ HOW_NOT_WHAT = {
     "model": ("eval_batch_size", "train.checkpoint_every", "max_new_tokens", "download", "cache_dir", "pretrained",
               "hf_id"),
     "taskpool": ("tasks", "num_workers", "cache_eval", "control"),  # control: evaluated only (task negation)
+    # how many fine-tunes run at once: each runs on one thread, the same bytes alone or beside others
+    # (fusion_bench/stages/finetune_workers.py)
+    "finetune": ("workers",),
 }
 #: finetune.* options added after fine-tunes were stored: while off they are left out of every key, so stores and
 #: cached accuracies made before the option existed stay valid (on, they count like any other option)
@@ -64,9 +67,14 @@ def pool_fields(pool_cfg) -> dict:
     return _without(resolved(pool_cfg), HOW_NOT_WHAT["taskpool"])
 
 
-def without_off_options(finetune: dict) -> dict:
-    """finetune.* options without those of OFF_BY_DEFAULT that are off."""
-    return {k: v for k, v in finetune.items() if not (k in OFF_BY_DEFAULT and not v)}
+def finetune_options(finetune) -> dict:
+    """finetune.* without the options that change how fine-tunes run, not what they are (HOW_NOT_WHAT)."""
+    return _without(resolved(finetune), HOW_NOT_WHAT["finetune"])
+
+
+def without_off_options(finetune) -> dict:
+    """finetune.* options that can change a result, without those of OFF_BY_DEFAULT that are off."""
+    return {k: v for k, v in finetune_options(finetune).items() if not (k in OFF_BY_DEFAULT and not v)}
 
 
 def finetune_fields(cfg: DictConfig, trained: dict, fingerprint: str, **extra) -> dict:
@@ -84,7 +92,7 @@ def imported_fields(source, fingerprint: str) -> dict:
 def reference_key(cfg: DictConfig, evaluation: dict, **extra) -> str:
     """What reference accuracies depend on besides their fine-tune: the task pool, every finetune.* option and
     how evaluation runs (`evaluation`: device, precision, linearized)."""
-    return config_hash({"pool": pool_fields(cfg.taskpool), "finetune": without_off_options(resolved(cfg.finetune)),
+    return config_hash({"pool": pool_fields(cfg.taskpool), "finetune": without_off_options(cfg.finetune),
                         "evaluation": evaluation, **extra})
 
 

@@ -21,7 +21,8 @@ from fusion_bench.reporting.report import write_report
 from fusion_bench.stages import coefficients, learn, objective, statistics, task_coefs
 from fusion_bench.stages.evaluate import merged_accuracies, reference_accuracies, trainable_params
 from fusion_bench.stages.export import export_merge
-from fusion_bench.stages.finetune import ensure_finetuned, finetuned_state, seconds_per_step
+from fusion_bench.stages.finetune import finetuned_state, seconds_per_step
+from fusion_bench.stages.finetune_workers import finetune_tasks
 from fusion_bench.stages.merge import Method
 from fusion_bench.validation.check import validate_config
 
@@ -58,9 +59,7 @@ def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
             statistics.check(fam, method, tasks)
             learn.check(fam, method, coef_cfg, tasks)
     if cfg.stage in ("finetune", "all"):
-        for task in sorted(tasks, key=lambda t: fam.imported(t) is None):  # the user's files checked before training
-            ensure_finetuned(fam, task)
-            release()  # the trainer, the optimiser state and the training copy go with it
+        finetune_tasks(fam, tasks, run_dir)  # finetune.workers at a time, each on one thread
         log_memory("finetune")
         if cfg.stage == "finetune":
             return None

@@ -32,10 +32,14 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture
 def make_cfg(tmp_path, data_dir):
-    """Compose the real Hydra configs with overrides; outputs go to a temporary directory."""
+    """Compose the real Hydra configs with overrides; outputs go to a temporary directory. Fine-tunes one after
+    another (finetune.workers=1: pytest-xdist already runs a test per core; tests/test_finetune_workers.py runs
+    workers), unless an override says otherwise."""
 
     def _make(*overrides: str):
+        workers = [] if any(o.startswith("finetune.workers=") for o in overrides) else ["finetune.workers=1"]
         with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-            return compose("config", overrides=[f"paths.root={tmp_path}", f"paths.data={data_dir}", *overrides])
+            return compose("config", overrides=[f"paths.root={tmp_path}", f"paths.data={data_dir}", *workers,
+                                                *overrides])
 
     return _make

@@ -199,7 +199,7 @@ def test_clip_modes_export_the_evaluated_network(make_cfg, tmp_path, mode, one_t
 
 # ---- errors, before anything trains -------------------------------------------------------------------------------
 def test_bad_output_options_stop_before_training(make_cfg, tmp_path, monkeypatch):
-    monkeypatch.setattr("fusion_bench.families.clip.finetune", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr("fusion_bench.finetune.train.finetune", lambda *a, **k: pytest.fail("trained"))
     bad = {
         ("output.format=onnx",): r"output.format='onnx': expected one of \('safetensors', 'open_clip', "
                                  r"'transformers'\) or null",

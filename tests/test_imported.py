@@ -34,7 +34,7 @@ def test_imported_fine_tunes_are_merged_without_training(make_cfg, tmp_path, mon
                    "finetuned_from={digits:" + spec["digits"] + ",textures:" + spec["textures"] + "}")
     exp = build_family(cfg, validate=False)  # the files it names are written next
     tuned = _fine_tunes(exp, tmp_path)
-    monkeypatch.setattr("fusion_bench.families.clip.finetune", lambda *a, **k: pytest.fail("fine-tuned an import"))
+    monkeypatch.setattr("fusion_bench.finetune.train.finetune", lambda *a, **k: pytest.fail("fine-tuned an import"))
     report = run(cfg, tmp_path / "run", "task_arithmetic")
 
     # independent reference: load the weights into the encoder by hand and evaluate

@@ -35,7 +35,7 @@ def test_end_to_end_two_tasks(make_cfg, tmp_path, monkeypatch):
     assert avg["finetuned"] > avg["zeroshot"]
 
     # a rerun reuses the stored fine-tunes: training must not be called again
-    monkeypatch.setattr("fusion_bench.families.clip.finetune", lambda *a, **k: pytest.fail("retrained a cached task"))
+    monkeypatch.setattr("fusion_bench.finetune.train.finetune", lambda *a, **k: pytest.fail("retrained a cached task"))
     again = run(make_cfg(*FAST), tmp_path / "run2", "task_arithmetic")
     assert again["tasks"] == report["tasks"]
 

@@ -120,7 +120,7 @@ def test_interrupted_finetune_resumes_to_identical_weights(make_cfg, tmp_path, m
 
     crashed = build_family(make_cfg(*FAST, f"paths.store={tmp_path}/b"))
     with monkeypatch.context() as m:
-        m.setattr("fusion_bench.families.clip.finetune", functools.partial(train.finetune, callbacks=[Crash()]))
+        m.setattr("fusion_bench.finetune.train.finetune", functools.partial(train.finetune, callbacks=[Crash()]))
         with pytest.raises(RuntimeError, match="simulated crash"):
             ensure_finetuned(crashed, "colors")
     partial = crashed.checkpoint("colors").with_suffix(".partial") / "checkpoints" / "last.ckpt"
@@ -163,7 +163,6 @@ def test_checkpoint_is_written_to_its_file_atomically_not_through_memory(tmp_pat
 KILLED_RUN = """
 import functools, os, runpy, signal, sys
 from lightning.pytorch.callbacks import Callback
-import fusion_bench.families.clip as clip
 from fusion_bench.finetune import train
 
 class KillAt(Callback):
@@ -173,7 +172,7 @@ class KillAt(Callback):
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
 
-clip.finetune = functools.partial(train.finetune, callbacks=[KillAt(int(sys.argv.pop(1)))])
+train.finetune = functools.partial(train.finetune, callbacks=[KillAt(int(sys.argv.pop(1)))])
 runpy.run_path("run.py", run_name="__main__")
 """
 

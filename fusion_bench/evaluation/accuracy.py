@@ -9,7 +9,6 @@ from omegaconf import DictConfig
 from rich.progress import track
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchmetrics.classification import MulticlassAccuracy
 
 
 def wants_gpu(trainer_cfg: DictConfig) -> bool:
@@ -65,4 +64,6 @@ def predictions(model: nn.Module, dataset: Dataset, batch_size: int = 256, devic
 def accuracy(model: nn.Module, dataset: Dataset, num_classes: int, batch_size: int = 256, **where) -> float:
     """Fraction of correctly classified samples; every sample counted exactly once. `where`: see predictions."""
     pred, y = predictions(model, dataset, batch_size, **where)
+    from torchmetrics.classification import MulticlassAccuracy  # 1.5 s to import: only where it counts
+
     return float(MulticlassAccuracy(num_classes=num_classes, average="micro")(pred, y))

@@ -16,10 +16,8 @@ from torch.utils.data import default_collate
 from fusion_bench.data.tasks import Task, known_tasks, load_control, load_task
 from fusion_bench.errors import ConfigError, MissingFileError
 from fusion_bench.evaluation.accuracy import accuracy
-from fusion_bench.evaluation.distributed import distributed_accuracies, distributed_grid_accuracies
 from fusion_bench.evaluation.search import CoefficientGrid, grid_correct
 from fusion_bench.families.base import ModelFamily, validate_common
-from fusion_bench.finetune.train import finetune
 from fusion_bench.models import modes as clip_modes
 from fusion_bench.models.clip import ImageClassifier, head_logits, load_clip, zero_shot_head
 from fusion_bench.models.imported import finetuned_source
@@ -205,6 +203,8 @@ class CLIPFamily(ModelFamily):
         """Under DDP all of them in one start of the ranks."""
         if not self.ddp:
             return [self.acc(*r) for r in runs]
+        from fusion_bench.evaluation.distributed import distributed_accuracies  # Lightning: only under DDP
+
         return distributed_accuracies(
             [self.classifier(enc, t) for enc, t, _ in runs], [self.task(t).split(s) for _, t, s in runs],
             [self.task(t).num_classes for _, t, _ in runs], self.cfg.model.eval_batch_size, self.eval_trainer,
@@ -213,6 +213,8 @@ class CLIPFamily(ModelFamily):
     def grid_accuracies(self, line: CoefficientGrid, tasks: list[str], split: str) -> list[list[float]]:
         """acc[i][j]: accuracy on tasks[i] of the merge at line.grid[j], each batch decoded once (search.py)."""
         if self.ddp:
+            from fusion_bench.evaluation.distributed import distributed_grid_accuracies
+
             return distributed_grid_accuracies(line, [self.head(t) for t in tasks],
                                                [self.task(t).split(split) for t in tasks],
                                                [self.task(t).num_classes for t in tasks],
@@ -247,6 +249,8 @@ class CLIPFamily(ModelFamily):
         head = self._heads[task]
         if self.train_head:
             head = nn.Parameter(head.clone())
+        from fusion_bench.finetune.train import finetune  # Lightning: only where something trains
+
         sec = finetune(module, head, self.tasks[task], self.cfg.model.train, self.cfg.trainer,
                        self.cfg.seed, work_dir, num_workers=self.num_workers)
         if self.train_head:

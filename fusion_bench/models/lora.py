@@ -33,16 +33,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import DictConfig
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
-from peft.tuners.lora.layer import MultiheadAttention as LoraMultiheadAttention
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from fusion_bench.models.linearize import LinearizedModel, MountedModule
+
+if TYPE_CHECKING:  # peft (and transformers under it) is imported where LoRA is used: 0.75 s of every start otherwise
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import MultiheadAttention as LoraMultiheadAttention
 
 ADAPTER = "default"
 DEFAULT_TARGET = r".*resblocks\.\d+\.attn"  # open_clip's nn.MultiheadAttention in every residual block
@@ -50,6 +51,8 @@ INITS = ("zero_b", "compensated")
 
 
 def lora_config(cfg: DictConfig) -> LoraConfig:
+    from peft import LoraConfig
+
     init = cfg.get("init", "zero_b")
     if init not in INITS:
         raise ValueError(f"finetune.init={init!r}: expected one of {INITS}")
@@ -72,6 +75,8 @@ def add_lora(encoder: nn.Module, cfg: DictConfig) -> nn.Module:
     config = lora_config(cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(cfg.get("init_seed", 0)))
+        from peft import inject_adapter_in_model
+
         model = inject_adapter_in_model(config, encoder, adapter_name=ADAPTER)
     if not adapted_weights(model):
         raise ValueError(f"finetune.target_modules={config.target_modules!r} matched no module of "
@@ -88,11 +93,16 @@ def add_lora(encoder: nn.Module, cfg: DictConfig) -> nn.Module:
 
 def lora_layers(model: nn.Module) -> dict[str, LoraMultiheadAttention]:
     """The adapted attention modules (one per residual block for the default target), by name."""
+    from peft.tuners.lora.layer import MultiheadAttention as LoraMultiheadAttention
+
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraMultiheadAttention)}
 
 
 def adapted_weights(model: nn.Module) -> dict[str, tuple[str, float]]:
     """{peft name of each adapted base weight: (adapter prefix, scaling)} for every LoRA layer of the model."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import MultiheadAttention as LoraMultiheadAttention
+
     out = {}
     for name, m in model.named_modules():
         if not isinstance(m, LoraLayer) or ADAPTER not in m.lora_A:
@@ -147,6 +157,8 @@ def merged_weights(model: nn.Module, phi: Mapping[str, torch.Tensor]) -> dict[st
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
     """Every peft layer runs its plain base layer (without touching requires_grad, unlike enable_adapters)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
     previous = [m._disable_adapters for m in layers]
     for m in layers:

@@ -24,6 +24,12 @@ def peak_rss_gib() -> float:
     return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, KiB on Linux
 
 
+def peak_children_gib() -> float:
+    """The largest peak of this process's finished child processes (worker processes)."""
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
+
+
 def release() -> None:
     """Collect garbage and hand freed heap memory back to the OS (glibc keeps it otherwise, and the next stage's
     peak starts from there)."""

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import torch
 from filelock import FileLock
 
 from fusion_bench.families.base import ModelFamily
-from fusion_bench.finetune.train import cleanup
 from fusion_bench.models.imported import import_encoder
 from fusion_bench.models.offload import parked
 from fusion_bench.reporting.memory import release
@@ -61,7 +61,7 @@ def _make(fam: ModelFamily, task: str, path: Path) -> Path:
     if head is not None:  # written first: a fine-tune in the store always has its head
         fam.store.save(fam.store.head_path(path), {"head": head.cpu().float()}, {**meta, "head_of": path.name})
     fam.store.save(path, fam.trainable_state(module.cpu()), meta)
-    cleanup(work_dir)
+    shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)  # the resumable checkpoints are spent
     log.info("fine-tuned %s in %.3f s/step -> %s", task, sec, path)
     return path
 

@@ -78,7 +78,7 @@ def path(fam: ModelFamily, task: str, s: dict) -> Path:
         fields["target"] = s["target"]
     if s["kind"] == "gram":  # Grams of another definition (per sample, padding counted) are never reused
         fields["gram_version"] = GRAMS_VERSION
-    h = config_hash({**fields, "finetune": keys.resolved(fam.mode_cfg)})
+    h = config_hash({**fields, "finetune": keys.finetune_options(fam.mode_cfg)})
     return fam.checkpoint(task).with_suffix(f".stat-{s['kind']}-{h}.safetensors")
 
 

@@ -71,9 +71,10 @@ def check_options(cfg: DictConfig) -> list[str]:
         block = _at(values, prefix)
         if isinstance(block, Mapping):
             warnings += _check_strategy(prefix, block, ctx, checked)
-    from fusion_bench.stages import task_coefs
+    from fusion_bench.stages import finetune_workers, task_coefs
 
     task_coefs.check(cfg)
+    finetune_workers.check(cfg)
     for option, value in found.items():  # whatever no range covers: at least a finite number
         if option not in checked and is_real(value) and not math.isfinite(value):
             raise ConfigError(f"{option}={shown(value)}: must be a finite number")

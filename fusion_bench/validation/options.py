@@ -68,6 +68,7 @@ RUN_OPTIONS: dict[str, Range] = {
     "finetune.train_head": FLAG,
     "finetune.train_bias": FLAG,
     "finetune.posthoc": FLAG,
+    "finetune.workers": any_of(COUNT, choice("auto")),
     # trainer=
     "trainer.devices": any_of(COUNT, choice(-1, "auto"), ListOf(integer(0), min_len=1),
                               Pattern(r"-1|\d+(\s*,\s*\d+)*,?", "a string of device indices such as '0,1'")),
