@@ -14,6 +14,7 @@ error and its log; the others go on and keep their checkpoints; then the run sto
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing as mp
 import os
@@ -136,6 +137,7 @@ def _in_workers(fam: ModelFamily, todo: list[str], n: int, log_dir: Path) -> Non
     log.info("fine-tuning %d tasks in %d worker processes, one thread each (finetune.workers; logs: %s)",
              len(todo), n, log_dir / "finetune_<task>.log")
     failures = {}
+    gc.freeze()  # what the workers inherit stays out of their collections: each would copy and walk all of it
     try:
         # every worker is forked at the first submit, before the display starts its thread
         pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=_start_worker, initargs=(steps,))
@@ -156,6 +158,7 @@ def _in_workers(fam: ModelFamily, todo: list[str], n: int, log_dir: Path) -> Non
                         failures[task] = failure
             _drain(steps, display)
     finally:
+        gc.unfreeze()
         _family = _log_dir = None
     log.info("fine-tune workers: the largest peaked at RSS %.2f GiB", peak_children_gib())
     if failures:
@@ -191,7 +194,6 @@ def _train(task: str) -> tuple[bool, str] | None:
         try:
             with reporting_to(lambda *progress: _steps.put((task, *progress))):
                 ensure_finetuned(_family, task)
-            release()
             return None
         except Exception as e:  # whatever fails, the run names the task and the log
             log.exception("the fine-tune of %s failed", task)  # the traceback, in the task's log
