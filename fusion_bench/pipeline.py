@@ -36,6 +36,24 @@ def _coef(cfg: DictConfig):
     return coef
 
 
+def normalized(merged: float, finetuned: float, task: str) -> float | None:
+    """merged / the task's own fine-tuned score; None (with a warning) where that score is 0 or below (a tiny
+    fine-tune, a Matthews correlation): a ratio to ~0 is no measure of anything."""
+    if finetuned > 0:
+        return merged / finetuned
+    log.warning("task %s: its fine-tune scores %.4f on test, so it has no normalized score (null in report.json, "
+                "left out of the normalized average)", task, finetuned)
+    return None
+
+
+def averages(per_task: dict[str, dict]) -> dict:
+    """`average` over the tasks where each figure is defined, and `average_over`: over how many tasks."""
+    cols = ("zeroshot", "finetuned", "merged", "normalized")
+    defined = {k: [v[k] for v in per_task.values() if v[k] is not None] for k in cols}
+    return {"average": {k: sum(x) / len(x) if x else None for k, x in defined.items()},
+            "average_over": {k: len(x) for k, x in defined.items()}}
+
+
 def coefficient_cfg(cfg: DictConfig) -> DictConfig:
     """How the coefficients are chosen: the method's own `coefficients` block (method=adamerging, lorahub), else
     the top-level `coefficients` group (coefficients=grid|adamerging|lorahub for any weighted method)."""
@@ -100,7 +118,7 @@ def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
     peak = log_memory("evaluate")
     per_task = {
         t: {"zeroshot": ref[t]["zeroshot_test"], "finetuned": ref[t]["finetuned_test"], "merged": test[t],
-            "normalized": test[t] / max(ref[t]["finetuned_test"], 1e-12)}
+            "normalized": normalized(test[t], ref[t]["finetuned_test"], t)}
         for t in tasks
     }
     report = {
@@ -113,8 +131,7 @@ def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
         "trainable_params": trainable_params(fam),
         "seconds_per_step": {t: seconds_per_step(fam, t) for t in tasks},
         "tasks": per_task,
-        "average": {k: sum(v[k] for v in per_task.values()) / len(per_task)
-                    for k in ("zeroshot", "finetuned", "merged", "normalized")},
+        **averages(per_task),
         "search": search,
         "chosen_on_val": method.chosen or None,
         "learnt_coefficients": learnt,

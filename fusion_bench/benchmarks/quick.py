@@ -43,6 +43,7 @@ def finetune_speed(mode: str, steps: int = 40, skip: int = 10) -> float:
 
     from fusion_bench.families import build_family
     from fusion_bench.finetune.train import finetune
+    from fusion_bench.stages.finetune_workers import one_thread
 
     class Timer(Callback):
         t0 = None
@@ -60,8 +61,9 @@ def finetune_speed(mode: str, steps: int = 40, skip: int = 10) -> float:
                                 f"model.train.checkpoint_every={steps}"))
         module = exp.modes.build_mode_model(exp.mode_cfg, exp.encoder)
         timer = Timer()
-        finetune(module, exp.head("digits"), exp.tasks["digits"], exp.cfg.model.train, exp.cfg.trainer, 0,
-                 Path(tmp) / "work", callbacks=[timer])
+        with one_thread(exp.cfg):  # as every fine-tune of a run (fusion_bench/stages/finetune_workers.py)
+            finetune(module, exp.head("digits"), exp.tasks["digits"], exp.cfg.model.train, exp.cfg.trainer, 0,
+                     Path(tmp) / "work", callbacks=[timer])
     return timer.seconds / (steps - skip)
 
 

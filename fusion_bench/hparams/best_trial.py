@@ -44,6 +44,10 @@ def _optuna_results(sweep_dir: Path) -> dict | None:
     return OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else None
 
 
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"  # a task without a normalized score (its fine-tune scores 0)
+
+
 def _markdown(best: dict, test: dict, trials: list[dict]) -> str:
     lines = [(f"# Best of {len(trials)} trials: trial {best['job']} ({best['method']} on {best['taskpool']}, "
               f"{best['model']}, finetune={best['finetune']})"), "",
@@ -52,11 +56,11 @@ def _markdown(best: dict, test: dict, trials: list[dict]) -> str:
              "|---|---|---|---|---|"]
     for t, v in best["tasks"].items():
         lines.append(f"| {t} | {v['merged_val']:.4f} | {v['normalized_val']:.4f} "
-                     f"| {test['tasks'][t]['merged']:.4f} | {test['tasks'][t]['normalized']:.4f} |")
+                     f"| {test['tasks'][t]['merged']:.4f} | {_f(test['tasks'][t]['normalized'])} |")
     avg = test["average"]
     mean_val = sum(v["merged_val"] for v in best["tasks"].values()) / len(best["tasks"])
     lines += [(f"| **average** | {mean_val:.4f} | {best['value']:.4f} | {avg['merged']:.4f} "
-               f"| {avg['normalized']:.4f} |"), "",
+               f"| {_f(avg['normalized'])} |"), "",
               "Test figures are for this trial only. Every trial (val):", "",
               "| trial | value | parameters |", "|---|---|---|"]
     lines += [f"| {r['job']} | {r['value']:.4f} | {' '.join(r['params'])} |" for r in trials]

@@ -18,7 +18,8 @@ def markdown(report: dict) -> str:
             f"scaling_coef={report['scaling_coef']})\n\n")
     lines = ["| task | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     rows = list(report["tasks"].items()) + [("**average**", report["average"])]
-    lines += [f"| {t} | " + " | ".join(f"{r[c]:.4f}" for c in COLUMNS) + " |" for t, r in rows]
+    lines += [f"| {t} | " + " | ".join(_cell(r[c], "{:.4f}") for c in COLUMNS) + " |" for t, r in rows]
+    lines += _left_out(report)
     if report.get("storage"):  # task-specific merges: what each task costs beyond the shared vector
         bits = report["storage"]["task_bits_per_parameter"]
         lines += ["", (f"Task-specific weights: {max(bits):.3f} bits per parameter per task beyond the shared "
@@ -42,9 +43,22 @@ def print_table(report: dict) -> None:
     for c in COLUMNS:
         table.add_column(c, justify="right")
     for t, r in report["tasks"].items():
-        table.add_row(t, *(f"{100 * r[c]:.1f}" for c in COLUMNS))
-    table.add_row("average", *(f"{100 * report['average'][c]:.1f}" for c in COLUMNS), style="bold")
+        table.add_row(t, *(_cell(r[c], "{:.1f}", 100) for c in COLUMNS))
+    table.add_row("average", *(_cell(report["average"][c], "{:.1f}", 100) for c in COLUMNS), style="bold")
     Console().print(table)
+    for line in _left_out(report):
+        Console().print(line)
+
+
+def _cell(value: float | None, fmt: str, scale: float = 1.0) -> str:
+    return "-" if value is None else fmt.format(scale * value)
+
+
+def _left_out(report: dict) -> list[str]:
+    """Where an average is over fewer tasks than the table has (a task without a normalized score), say so."""
+    n, over = len(report["tasks"]), report.get("average_over") or {}
+    return [f"average {c} over {over[c]} of {n} tasks (the others have none: their fine-tune scores 0 or less)"
+            for c in COLUMNS if over.get(c, n) < n]
 
 
 def fresh_path(path: Path) -> Path:

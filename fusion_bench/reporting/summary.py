@@ -137,7 +137,7 @@ def _search_plots(reports: list[dict], root: Path) -> None:
         if not r.get("search"):
             continue
         curves[(r["model"], r["finetune"])][r["method"]] = r["search"]
-        cells[r["model"]][(r["finetune"], r["method"])] = r["average"]["normalized"]
+        cells[r["model"]][(r["finetune"], r["method"])] = _num(r["average"]["normalized"])
     for (model, mode), by_method in curves.items():
         grid = next(iter(by_method.values()))["grid"]
         plots.curves(grid, {m: [_num(v) for v in s["val_normalized"]] for m, s in by_method.items()
