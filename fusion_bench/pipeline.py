@@ -14,17 +14,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fusion_bench.errors import ConfigError
-from fusion_bench.families import build_family
+from fusion_bench.export import check_output
+from fusion_bench.families import build_family, family_class
 from fusion_bench.merging.task_specific import TaskSpecificMerge
 from fusion_bench.reporting.memory import log_memory, release
 from fusion_bench.reporting.report import write_report
-from fusion_bench.stages import coefficients, learn, objective, statistics, task_coefs
+from fusion_bench.stages import coefficients, finetune_workers, learn, objective, statistics, task_coefs
 from fusion_bench.stages.evaluate import merged_accuracies, reference_accuracies, trainable_params
 from fusion_bench.stages.export import export_merge
 from fusion_bench.stages.finetune import finetuned_state, seconds_per_step
 from fusion_bench.stages.finetune_workers import finetune_tasks
 from fusion_bench.stages.merge import Method
-from fusion_bench.validation.check import validate_config
+from fusion_bench.validation.check import check_options
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,22 @@ def coefficient_cfg(cfg: DictConfig) -> DictConfig:
     return own if own is not None else top
 
 
+def validate_config(cfg: DictConfig) -> None:
+    """The validation pass, before any work (data, weights, fine-tuning): every option's type and range and the
+    method's declared settings (fusion_bench/validation/check.py), the relations the stages own (per-task
+    coefficients, fine-tune workers, the objective), the model family's own checks and the output format. Raises
+    one ConfigError naming the option; logs warnings."""
+    for warning in check_options(cfg):
+        log.warning(warning)
+    task_coefs.check(cfg)
+    finetune_workers.check(cfg)
+    family = family_class(str(cfg.model.get("family", "clip")))
+    family.validate(cfg)
+    objective.check(cfg)  # objective (hparams_search=optuna*): a known one, on a stage that evaluates
+    if cfg.stage in ("merge", "all"):  # the stages that write the merged model (fusion_bench.export)
+        check_output(family, cfg)
+
+
 def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
     validate_config(cfg)  # every option's type and range, the method's settings, the family's checks: before any work
     fam = build_family(cfg, validate=False)
@@ -82,7 +99,7 @@ def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
         if cfg.stage == "finetune":
             return None
     if cfg.stage == "analyze":
-        from fusion_bench.evaluation.analysis import run_analysis
+        from fusion_bench.analyses import run_analysis
 
         return run_analysis(fam, method, cfg.analysis, run_dir, method_name)
     finetuned = [finetuned_state(fam, t) for t in tasks]

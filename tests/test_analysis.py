@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fusion_bench.evaluation.analysis import cosine_matrix, gram_matrix
+from fusion_bench.analyses.cosine import cosine_matrix, gram_matrix
 from fusion_bench.reporting.summary import summarize
 
 

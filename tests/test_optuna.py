@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from fusion_bench.families import build_family
 from fusion_bench.merging import task_arithmetic
+from fusion_bench.pipeline import validate_config
 from fusion_bench.stages import task_coefs
 from fusion_bench.stages.merge import Method
 
@@ -32,22 +32,22 @@ def test_task_coefs_are_checked_before_training(make_cfg):
     }
     for override, message in bad.items():
         with pytest.raises(ValueError, match=message):
-            build_family(make_cfg(TWO, override))
+            validate_config(make_cfg(TWO, override))
     with pytest.raises(TypeError, match=r"method.task_coefs=0.3: expected task -> coefficient"):
-        build_family(make_cfg(TWO, "++method.task_coefs=0.3"))
+        validate_config(make_cfg(TWO, "++method.task_coefs=0.3"))
     with pytest.raises(ValueError, match="ties_merging takes one scaling_coef for all tasks"):
-        build_family(make_cfg(TWO, "method=ties", "++method.task_coefs={digits:0.2,shapes:0.7}"))
+        validate_config(make_cfg(TWO, "method=ties", "++method.task_coefs={digits:0.2,shapes:0.7}"))
     with pytest.raises(ValueError, match="dare takes one scaling_coef"):
-        build_family(make_cfg(TWO, "method=dare_ties", "++method.task_coefs={digits:0.2,shapes:0.7}"))
+        validate_config(make_cfg(TWO, "method=dare_ties", "++method.task_coefs={digits:0.2,shapes:0.7}"))
     with pytest.raises(ValueError, match="both give per-task coefficients"):
-        build_family(make_cfg(TWO, "method.scaling_coef=[0.1,0.2]",
+        validate_config(make_cfg(TWO, "method.scaling_coef=[0.1,0.2]",
                               "++method.task_coefs={digits:0.2,shapes:0.7}"))
     with pytest.raises(ValueError, match="coefficients=adamerging: that strategy learns"):
-        build_family(make_cfg(TWO, "coefficients=adamerging", "++method.task_coefs={digits:0.2,shapes:0.7}"))
+        validate_config(make_cfg(TWO, "coefficients=adamerging", "++method.task_coefs={digits:0.2,shapes:0.7}"))
     with pytest.raises(ValueError, match=r"objective='val': expected one of \('val_normalized',\)"):
-        build_family(make_cfg(TWO, "objective=val"))
+        validate_config(make_cfg(TWO, "objective=val"))
     with pytest.raises(ValueError, match="needs stage=all or stage=evaluate, not stage=merge"):
-        build_family(make_cfg(TWO, "objective=val_normalized", "stage=merge"))
+        validate_config(make_cfg(TWO, "objective=val_normalized", "stage=merge"))
 
 
 def test_task_coefs_weight_each_task_vector(make_cfg):

@@ -16,10 +16,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
 
+from fusion_bench.analyses.negation import pick_negation_coef
 from fusion_bench.data import imagenet, tiny_control, tiny_images
 from fusion_bench.data.eight_tasks import DatasetNotFoundError
 from fusion_bench.data.imagenet_names import IMAGENET_WNIDS
-from fusion_bench.evaluation.negation import pick_negation_coef
 from fusion_bench.evaluation.search import GRID
 from fusion_bench.families import build_family
 from fusion_bench.models.clip import create_clip, head_logits
@@ -249,7 +249,7 @@ def test_heads_end_to_end(paper):
 
 @pytest.mark.slow
 def test_loss_landscape_end_to_end(paper):
-    from fusion_bench.evaluation.outputs import task_outputs
+    from fusion_bench.analyses.outputs import task_outputs
 
     res, _ = analyze(paper, "loss_landscape", "analysis.grid_points=3", "analysis.low=0.0", "analysis.high=1.0",
                      "analysis.split=val")

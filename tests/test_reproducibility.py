@@ -121,13 +121,14 @@ def _two_task_experiment(make_cfg, monkeypatch, *overrides):
     g = torch.Generator().manual_seed(2)
     fts = {t: {k: v + v.std().clamp_min(0.05) * torch.randn(v.shape, generator=g)
                for k, v in exp.pretrained_state.items()} for t in exp.tasks}
-    for where in ("fusion_bench.evaluation.analysis", "fusion_bench.stages.evaluate"):
+    for where in ("fusion_bench.analyses.disentanglement", "fusion_bench.analyses.num_tasks",
+                  "fusion_bench.stages.evaluate"):
         monkeypatch.setattr(f"{where}.finetuned_state", lambda fam, task: fts[task])
     return exp, Method(cfg.method, exp.mode), fts
 
 
 def test_disentanglement_evaluates_linearized_under_partial_linearization(make_cfg, monkeypatch):
-    from fusion_bench.evaluation.analysis import disentanglement_error
+    from fusion_bench.analyses.disentanglement import disentanglement_error
 
     exp, method, _ = _two_task_experiment(make_cfg, monkeypatch, "finetune=l_lora", "method=partial_linearization")
     seen, real = [], exp.model_with
@@ -140,7 +141,7 @@ def test_num_tasks_searches_the_coefficient_on_val_per_subset(make_cfg, monkeypa
     from conftest import CONF
     from hydra import compose, initialize_config_dir
 
-    from fusion_bench.evaluation.analysis import normalized_vs_num_tasks
+    from fusion_bench.analyses.num_tasks import normalized_vs_num_tasks
 
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         assert compose("config", overrides=["analysis=num_tasks"]).analysis.scaling_coef == "search"
@@ -148,7 +149,7 @@ def test_num_tasks_searches_the_coefficient_on_val_per_subset(make_cfg, monkeypa
 
     exp, method, fts = _two_task_experiment(make_cfg, monkeypatch)
     searched = []
-    monkeypatch.setattr("fusion_bench.evaluation.analysis.grid_accuracies",
+    monkeypatch.setattr("fusion_bench.analyses.num_tasks.grid_accuracies",
                         lambda fam, m, states, grid, split, tasks=None: searched.append((len(states), split))
                         or grid_accuracies(fam, m, states, grid, split, tasks))
     curve = normalized_vs_num_tasks(exp, method, "search", max_subsets=4)

@@ -88,7 +88,7 @@ def test_hydra_full_error_gives_the_traceback(tmp_path, data_dir, monkeypatch):
 
 
 def test_a_coefficient_beyond_ten_is_warned_before_any_work(make_cfg, caplog):
-    from fusion_bench.validation.check import validate_config
+    from fusion_bench.pipeline import validate_config
 
     validate_config(make_cfg("method.scaling_coef=20"))
     assert "method.scaling_coef=20: |coefficient| > 10" in caplog.text

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from fusion_bench.errors import ConfigError
-from fusion_bench.validation.check import check_options, range_of, validate_config
+from fusion_bench.pipeline import validate_config
+from fusion_bench.validation.check import check_options, range_of
 from fusion_bench.validation.ranges import Context
 
 CONF = Path(__file__).resolve().parent.parent / "conf"

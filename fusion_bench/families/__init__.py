@@ -4,11 +4,15 @@ directly, so a new family is a new file (a ModelFamily subclass) and a model con
 from __future__ import annotations
 
 import importlib
+import logging
 
 from omegaconf import DictConfig
 
 from fusion_bench.errors import ConfigError
 from fusion_bench.families.base import ModelFamily
+from fusion_bench.validation.check import check_options
+
+log = logging.getLogger(__name__)
 
 FAMILIES = {
     "clip": "fusion_bench.families.clip:CLIPFamily",
@@ -31,10 +35,11 @@ def family_class(name: str) -> type[ModelFamily]:
 
 
 def build_family(cfg: DictConfig, validate: bool = True) -> ModelFamily:
-    """The configured model family over `cfg`, its config checked first (the validation pass,
-    fusion_bench.validation.check.validate_config) unless the caller has done that already."""
+    """The configured model family over `cfg`, its options' types and ranges and the family's own checks done first
+    unless the caller has done that already (pipeline.run does the whole pass: fusion_bench.pipeline.validate_config)."""
+    family = family_class(str(cfg.model.get("family", "clip")))
     if validate:
-        from fusion_bench.validation.check import validate_config
-
-        validate_config(cfg)
-    return family_class(str(cfg.model.get("family", "clip")))(cfg)
+        for warning in check_options(cfg):
+            log.warning(warning)
+        family.validate(cfg)
+    return family(cfg)

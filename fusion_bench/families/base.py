@@ -27,7 +27,7 @@ from fusion_bench.store import CheckpointStore, read_metadata
 
 def validate_common(cfg: DictConfig, known: list[str]) -> None:
     """The config errors every family shares that need more than an option's range (those are checked before, by
-    fusion_bench.validation.check)."""
+    fusion_bench.validation.check); the run-level ones are fusion_bench.pipeline.validate_config's."""
     if cfg.stage == "analyze" and not cfg.get("analysis"):
         raise ConfigError("stage=analyze needs analysis=<name>, one of conf/analysis/: cosine, disentanglement, "
                           "num_tasks, negation, kernel, heads, loss_landscape, pairwise")
@@ -35,9 +35,6 @@ def validate_common(cfg: DictConfig, known: list[str]) -> None:
     unknown = [t for t in tasks if t not in known]
     if unknown:
         raise ConfigError(f"taskpool.tasks={tasks}: unknown task(s) {unknown}; {cfg.taskpool.name} has {known}")
-    from fusion_bench.stages import objective
-
-    objective.check(cfg)  # objective (hparams_search=optuna*): a known one, on a stage that evaluates
     eval_device(cfg.trainer)  # trainer=gpu on a machine without CUDA
 
 

@@ -26,46 +26,12 @@ from fusion_bench.merging.adamerging import adamerging, ties_task_vectors
 from fusion_bench.merging.lorahub import lorahub, lorahub_origin
 from fusion_bench.reporting import plots
 from fusion_bench.stages.merge import Method
-from fusion_bench.validation.ranges import (
-    COUNT,
-    FLAG,
-    SEED,
-    TORCH_SEED,
-    Range,
-    choice,
-    fraction,
-    integer,
-    non_negative,
-    positive,
-)
 
 log = logging.getLogger(__name__)
 
 WEIGHTED = ("task_arithmetic", "ties_merging")  # methods whose merge is a weighted sum of task vectors
 
-# The settings of each strategy's block (`coefficients=...` or a method's own `coefficients:`), checked before any
-# work by the validation pass (fusion_bench/validation/check.py).
-STRATEGY_RANGES: dict[str, dict[str, Range]] = {
-    "grid": {},
-    "adamerging": {
-        "layer_wise": FLAG,
-        "steps": integer(0, note="Adam steps; 0 keeps the initial coefficients"),
-        "lr": positive("Adam's learning rate"),
-        "batch_size": COUNT,
-        "batches_per_task": COUNT,
-        "init": fraction(note="the coefficients' start, inside the clamp box [0, 1]"),
-        "clamp_in_forward": FLAG,
-        "split": choice("train", "val", "test"),
-        "seed": TORCH_SEED,
-    },
-    "lorahub": {
-        "budget": integer(1, note="evaluations of the objective"),
-        "bound": positive("weights are searched in [-bound, bound]"),
-        "l1": non_negative(),
-        "examples_per_task": COUNT,
-        "seed": SEED,
-    },
-}
+# The settings of each strategy's block live with the run's other ranges: fusion_bench/validation/options.py.
 
 
 def check(fam: ModelFamily, method: Method, coef_cfg: DictConfig, tasks: list[str]) -> None:

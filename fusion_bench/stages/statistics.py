@@ -31,18 +31,10 @@ from fusion_bench.stages.finetune import finetuned_state
 from fusion_bench.stages.merge import Method
 from fusion_bench.statistics.grams import GRAMS_VERSION
 from fusion_bench.store import CheckpointError, atomic_save_safetensors, config_hash
-from fusion_bench.validation.ranges import COUNT, TORCH_SEED, Range, choice, integer
 
 log = logging.getLogger(__name__)
 
 KINDS = {"gram": "grams", "fisher": "fishers"}  # statistic -> the merging function's argument
-RANGES: dict[str, Range] = {  # method.statistics, checked before any work (fusion_bench/validation/check.py)
-    "kind": choice(*KINDS),
-    "num_samples": integer(1, note="train examples per task"),
-    "batch_size": COUNT,
-    "seed": TORCH_SEED,
-    "target": choice("sample", "label", "expected"),  # what a family offers: ModelFamily.fisher_targets
-}
 
 
 def spec(method: Method) -> dict | None:

@@ -1,17 +1,20 @@
 """The validation pass over the resolved config, before any work (data, pretrained weights, fine-tuning).
 
-`validate_config(cfg)` is called first by pipeline.run (and by families.build_family): it checks the type and range
-of every option and raises one ConfigError naming the option, the value given and what it must be:
+`check_options(cfg)` checks, from the config alone, the type and range of every option and raises one ConfigError
+naming the option, the value given and what it must be (fusion_bench.pipeline.validate_config runs it first, then
+the checks that need the stages or the model family: items 5 and 6 below):
 
 1. run-level options (fusion_bench/validation/options.py);
 2. the merging method's settings, from the method's own declaration on the function `method._target_` names:
    `ranges`, a dict of setting -> Range (or a function of the given settings returning one, when a range depends
    on another setting), and optionally `check_settings(settings, ctx)` (relations between settings); a setting
    the function does not take is refused;
-3. the coefficient strategy blocks (`coefficients`, `method.coefficients`; fusion_bench/stages/learn.py), the
-   statistics block (`method.statistics`; fusion_bench/stages/statistics.py) and method.task_coefs;
+3. the coefficient strategy blocks (`coefficients`, `method.coefficients`) and the statistics block
+   (`method.statistics`), whose ranges are in fusion_bench/validation/options.py;
 4. any other number in the config must be finite;
-5. the model family's own checks (task names, modes, finetuned_from files exist, ...) and the output format.
+5. (pipeline.validate_config) method.task_coefs, finetune.workers, the objective;
+6. (pipeline.validate_config, families.build_family) the model family's own checks (task names, modes,
+   finetuned_from files exist, ...) and the output format.
 
 Values inside a range that are rarely meant (a scaling coefficient beyond +-10) are logged as warnings.
 """
@@ -27,27 +30,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from fusion_bench.errors import ConfigError
-from fusion_bench.validation.options import ORDERED_PAIRS, RUN_OPTIONS
+from fusion_bench.validation.options import ORDERED_PAIRS, RUN_OPTIONS, STATISTICS_RANGES, STRATEGY_RANGES
 from fusion_bench.validation.ranges import PER_TASK_COEF, Context, Range, is_real, shown
 
 log = logging.getLogger(__name__)
 
 HYDRA_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
 PIPELINE_KEYS = ("statistics", "coefficients", "task_coefs")  # method blocks read by the stages, not the function
-
-
-def validate_config(cfg: DictConfig) -> None:
-    """The whole pass (see the module doc); raises ConfigError, logs warnings."""
-    for warning in check_options(cfg):
-        log.warning(warning)
-    from fusion_bench.families import family_class
-
-    family = family_class(str(cfg.model.get("family", "clip")))
-    family.validate(cfg)
-    if cfg.stage in ("merge", "all"):  # the stages that write the merged model (fusion_bench.export)
-        from fusion_bench.export import check_output
-
-        check_output(family, cfg)
 
 
 def check_options(cfg: DictConfig) -> list[str]:
@@ -71,10 +60,6 @@ def check_options(cfg: DictConfig) -> list[str]:
         block = _at(values, prefix)
         if isinstance(block, Mapping):
             warnings += _check_strategy(prefix, block, ctx, checked)
-    from fusion_bench.stages import finetune_workers, task_coefs
-
-    task_coefs.check(cfg)
-    finetune_workers.check(cfg)
     for option, value in found.items():  # whatever no range covers: at least a finite number
         if option not in checked and is_real(value) and not math.isfinite(value):
             raise ConfigError(f"{option}={shown(value)}: must be a finite number")
@@ -112,14 +97,10 @@ def range_of(values: Mapping, option: str) -> Range | None:
     method = values.get("method") if isinstance(values.get("method"), Mapping) else {}
     for prefix in ("method.coefficients.", "coefficients."):
         if option.startswith(prefix):
-            from fusion_bench.stages.learn import STRATEGY_RANGES
-
             block = _at(values, prefix[:-1]) or {}
             return STRATEGY_RANGES.get(block.get("strategy", "grid"), {}).get(option[len(prefix):])
     if option.startswith("method.statistics."):
-        from fusion_bench.stages.statistics import RANGES
-
-        return RANGES.get(option[len("method.statistics."):])
+        return STATISTICS_RANGES.get(option[len("method.statistics."):])
     if option.startswith("method."):
         fn = method_function(method)
         settings = {k: v for k, v in method.items() if k not in HYDRA_KEYS and k not in PIPELINE_KEYS}
@@ -149,14 +130,12 @@ def _check_method(method: Mapping, ctx: Context, checked: set[str], relations: b
         check_settings(settings, ctx)
     statistics = method.get("statistics")
     if statistics is not None:
-        from fusion_bench.stages.statistics import RANGES
 
-        warnings += _check_block("method.statistics", statistics, RANGES, ctx, checked)
+        warnings += _check_block("method.statistics", statistics, STATISTICS_RANGES, ctx, checked)
     return warnings
 
 
 def _check_strategy(prefix: str, block: Mapping, ctx: Context, checked: set[str]) -> list[str]:
-    from fusion_bench.stages.learn import STRATEGY_RANGES
 
     strategy = block.get("strategy", "grid")
     if strategy not in STRATEGY_RANGES:

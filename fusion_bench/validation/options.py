@@ -88,3 +88,36 @@ RUN_OPTIONS: dict[str, Range] = {
 }
 
 ORDERED_PAIRS = (("analysis.low", "analysis.high", "<"), ("task_coefs_space.low", "task_coefs_space.high", "<="))
+
+# The settings of each coefficient strategy's block (`coefficients=...` or a method's own `coefficients:`; the
+# strategies are in fusion_bench/stages/learn.py)
+STRATEGY_RANGES: dict[str, dict[str, Range]] = {
+    "grid": {},
+    "adamerging": {
+        "layer_wise": FLAG,
+        "steps": integer(0, note="Adam steps; 0 keeps the initial coefficients"),
+        "lr": positive("Adam's learning rate"),
+        "batch_size": COUNT,
+        "batches_per_task": COUNT,
+        "init": fraction(note="the coefficients' start, inside the clamp box [0, 1]"),
+        "clamp_in_forward": FLAG,
+        "split": choice("train", "val", "test"),
+        "seed": TORCH_SEED,
+    },
+    "lorahub": {
+        "budget": integer(1, note="evaluations of the objective"),
+        "bound": positive("weights are searched in [-bound, bound]"),
+        "l1": non_negative(),
+        "examples_per_task": COUNT,
+        "seed": SEED,
+    },
+}
+
+# method.statistics (fusion_bench/stages/statistics.py)
+STATISTICS_RANGES: dict[str, Range] = {
+    "kind": choice("gram", "fisher"),
+    "num_samples": integer(1, note="train examples per task"),
+    "batch_size": COUNT,
+    "seed": TORCH_SEED,
+    "target": choice("sample", "label", "expected"),  # what a family offers: ModelFamily.fisher_targets
+}

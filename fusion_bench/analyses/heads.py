@@ -6,7 +6,7 @@ Both sets of fine-tunes (the run's mode, train_head=false and true) must be in t
 - task addition over the pool's tasks: the configured method (task arithmetic by default), the coefficient from val
   (`analysis.scaling_coef: search`) or fixed, test accuracy and normalized accuracy (each task read through its own
   head: the zero-shot head, or its trained head; heads are never merged);
-- the weight disentanglement error xi(a1, a2) of a task pair on predictions (evaluation/pair_grid.py);
+- the weight disentanglement error xi(a1, a2) of a task pair on predictions (pair_grid.py);
 - the representation-level error xi_rep(a1, a2) = sum_{t=1,2} E_{x~D_t}[1 - cos(phi(x; theta_0 + a_t tau_t),
   phi(x; theta_0 + a1 tau_1 + a2 tau_2))], phi the image encoder's output features (no head involved), over the
   same grid; `xi_mean` / `xi_rep_mean` are the means over the grid.
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from fusion_bench.evaluation.analysis import chosen_tasks, require_plain_method
-from fusion_bench.evaluation.pair_grid import pair_grid
+from fusion_bench.analyses.common import chosen_tasks, require_plain_method
+from fusion_bench.analyses.pair_grid import pair_grid
 from fusion_bench.reporting import plots
 from fusion_bench.reporting.report import fresh_path
 from fusion_bench.reporting.tables import md_table

@@ -2,7 +2,7 @@
 
 L_t(l1, l2) = mean cross-entropy of task t's head (zero-shot, or trained with finetune.train_head) on its
 `analysis.split`, at the merged weights; one evaluation per grid point, the grid loop of the disentanglement
-error (evaluation/pair_grid.py). A basin that holds (1, 0), (0, 1) and (1, 1) is what makes task addition work.
+error (pair_grid.py). A basin that holds (1, 0), (0, 1) and (1, 1) is what makes task addition work.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fusion_bench.evaluation.analysis import chosen_tasks
-from fusion_bench.evaluation.pair_grid import pair_grid
+from fusion_bench.analyses.common import chosen_tasks
+from fusion_bench.analyses.pair_grid import pair_grid
 from fusion_bench.reporting import plots
 from fusion_bench.reporting.report import fresh_path
 from fusion_bench.reporting.tables import matrix_table

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from rich.progress import track
 
-from fusion_bench.evaluation.analysis import chosen_tasks, require_plain_method
+from fusion_bench.analyses.common import chosen_tasks, require_plain_method
 from fusion_bench.reporting import plots
 from fusion_bench.reporting.report import fresh_path
 from fusion_bench.reporting.tables import md_table

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from rich.progress import track
 
-from fusion_bench.evaluation.analysis import chosen_tasks
-from fusion_bench.evaluation.outputs import task_outputs
+from fusion_bench.analyses.common import chosen_tasks
+from fusion_bench.analyses.outputs import task_outputs
 from fusion_bench.models.modes import check_posthoc_mode, load_trainable, posthoc_linearized
 from fusion_bench.reporting import plots
 from fusion_bench.reporting.report import fresh_path

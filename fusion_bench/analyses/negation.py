@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from rich.progress import track
 
-from fusion_bench.evaluation.analysis import chosen_tasks
+from fusion_bench.analyses.common import chosen_tasks
 from fusion_bench.evaluation.search import GRID
 from fusion_bench.merging import task_arithmetic
 from fusion_bench.reporting import plots

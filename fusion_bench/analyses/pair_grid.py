@@ -18,7 +18,7 @@ import numpy as np
 import torch.nn.functional as F
 from rich.progress import track
 
-from fusion_bench.evaluation.outputs import Outputs, task_outputs
+from fusion_bench.analyses.outputs import Outputs, task_outputs
 from fusion_bench.merging import task_arithmetic
 
 MEASURES = ("xi", "xi_rep", "loss")
