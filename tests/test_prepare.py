@@ -259,7 +259,7 @@ def test_hugging_face_copies_from_local_folders(hf_sources, make_cfg, tmp_path, 
     assert set(cars.split("test").labels) == {0, 195}
     assert len(cars.split("train")) + len(cars.split("val")) == 8
 
-    from fusion_bench.t5.glue import read_split
+    from fusion_bench.data.glue import read_split
 
     glue = prepare("glue", root, ["mnli"], hf={"mnli": str(hf_sources / "mnli")})
     assert glue["mnli"].status == "fetched" and (root / "glue" / "MNLI" / "dataset_dict.json").is_file()

@@ -7,7 +7,7 @@ split: its 27,000 images give test = a stratified 10% (2,700) and train = the re
 split (train 60%, test 20%). val is carved from train afterwards (taskpool.val_fraction, at most
 taskpool.max_val).
 
-GLUE (fusion_bench/t5/glue.py): train and the dev set the loader uses as test (MNLI: dev_matched).
+GLUE (fusion_bench/data/glue.py): train and the dev set the loader uses as test (MNLI: dev_matched).
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fusion_bench import keys
+from fusion_bench.devices import eval_device
 from fusion_bench.errors import ConfigError
-from fusion_bench.evaluation.accuracy import eval_device
 from fusion_bench.models import modes as clip_modes
 from fusion_bench.store import CheckpointStore, read_metadata
 

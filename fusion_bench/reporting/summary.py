@@ -3,9 +3,7 @@ failed (their error.json, written by fusion_bench/entry.py) with their one-line 
 
     python -m fusion_bench.reporting.summary outputs/multirun/2026-11-23/12-00-00-000000
 
-Also a Hydra callback (conf/config.yaml hydra.callbacks.summary) that does the same when a multirun ends, and after
-each job once a job of the sweep has failed: Hydra's sweeper raises the first failure after the last job instead of
-ending the multirun, so the summary of the jobs that succeeded is written then.
+fusion_bench/sweep_callback.py runs it when a multirun ends (conf/config.yaml hydra.callbacks.summary).
 """
 
 from __future__ import annotations
@@ -19,9 +17,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from hydra.core.utils import JobReturn, JobStatus
-from hydra.experimental.callback import Callback
-from hydra.types import RunMode
 
 from fusion_bench.reporting import plots
 from fusion_bench.store import atomic_write_text
@@ -151,23 +146,6 @@ def _search_plots(reports: list[dict], root: Path) -> None:
         matrix = np.array([[_num(cell.get((a, b))) for b in methods] for a in modes], dtype=float)
         plots.heatmap(matrix, methods, f"test normalized accuracy | {model}", root / f"normalized_{model}.png",
                       row_labels=modes)
-
-
-class SummaryCallback(Callback):
-    def on_job_end(self, config, job_return: JobReturn, **kwargs) -> None:
-        """Once a job of the sweep has failed, the summary after each job: the multirun will not end normally."""
-        if config.hydra.mode != RunMode.MULTIRUN:
-            return
-        root = Path(config.hydra.sweep.dir)
-        if job_return.status == JobStatus.FAILED or load_failures(root):
-            summarize(root)
-
-    def on_multirun_end(self, config, **kwargs) -> None:
-        if config.get("objective"):  # hparams_search=optuna*: the best trial alone is evaluated on test first
-            from fusion_bench.hparams.best_trial import report_best_trial
-
-            report_best_trial(config)
-        summarize(config.hydra.sweep.dir)
 
 
 def main() -> None:

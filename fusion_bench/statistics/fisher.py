@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
-from fusion_bench.evaluation.accuracy import eval_mode
+from fusion_bench.devices import eval_mode
 
 log = logging.getLogger(__name__)
 

@@ -54,7 +54,7 @@ import torch
 from rich.progress import track
 from torch import Tensor, nn
 
-from fusion_bench.evaluation.accuracy import eval_mode
+from fusion_bench.devices import eval_mode
 
 from .attention import MHA_SIGNATURE, mha_out_proj_input
 

@@ -1,5 +1,5 @@
 """T5 / Flan-T5 on GLUE as a model family: a text-to-text T5 behind `T5Logits`, the GLUE tasks
-(fusion_bench.t5.glue) and its metric (generated text vs target: exact match, Spearman for STS-B). The stages,
+(fusion_bench.data.glue) and its metric (generated text vs target: exact match, Spearman for STS-B). The stages,
 store and report are the ones CLIP uses; the fine-tuning modes (fusion_bench.t5.modes) act on T5Logits:
 
 | finetune | trains (store keys)                                  | task vectors over                       |
@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from fusion_bench.data import glue
+from fusion_bench.devices import eval_device
 from fusion_bench.errors import ConfigError
-from fusion_bench.evaluation.accuracy import eval_device
 from fusion_bench.families.base import ModelFamily, validate_common
 from fusion_bench.statistics import diagonal_fisher, input_grams
-from fusion_bench.t5 import glue
 from fusion_bench.t5 import modes as t5_modes
 from fusion_bench.t5.model import T5Logits, generate_texts, load_t5
 from fusion_bench.t5.modes import MODES

@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from fusion_bench.evaluation.accuracy import eval_mode
+from fusion_bench.devices import eval_mode
 from fusion_bench.models.clip import WeightsNotFoundError
 from fusion_bench.models.linearize import MountedModule
 

@@ -8,7 +8,7 @@ and DTD (md5-checked, unpacked where torchvision's `download=True` would), Huggi
 SUN397, Cars, RESISC45 (tanganke/*) and GLUE (nyu-mll/glue), saved with `DatasetDict.save_to_disk`. `--hf
 TASK=ID_OR_FOLDER` takes a task from another Hub id or a local copy instead.
 
-Each task is checked by the real loaders (fusion_bench/data/eight_tasks.py, fusion_bench/t5/glue.py) against
+Each task is checked by the real loaders (fusion_bench/data/eight_tasks.py, fusion_bench/data/glue.py) against
 the official split sizes (fusion_bench/data/split_sizes.py), and only then marked complete (<task
 dir>/.prepared.json, written atomically). A rerun skips complete tasks, marks a copy that is already there and
 counts right, and picks up an interrupted download (archives already on disk with the right md5 are kept).

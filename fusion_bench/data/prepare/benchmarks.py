@@ -58,19 +58,19 @@ EIGHT_TASKS = Benchmark(
 
 # ---- GLUE --------------------------------------------------------------------------------------------------
 def _glue_count(root: Path, task: str) -> dict[str, int]:
-    from fusion_bench.t5.glue import read_split
+    from fusion_bench.data.glue import read_split
 
     return {split: len(read_split(task, root, split)) for split in split_sizes.GLUE[task]}
 
 
 def _glue_dir(root: Path, task: str) -> Path:
-    from fusion_bench.t5.glue import task_dir
+    from fusion_bench.data.glue import task_dir
 
     return task_dir(root, task)
 
 
 def _glue_by_hand(root: Path, task: str) -> str:
-    from fusion_bench.t5.glue import TASKS
+    from fusion_bench.data.glue import TASKS
 
     folder = _glue_dir(root, task)
     return (f"{folder}/train.tsv and {folder}/{TASKS[task].dev_file} (the official GLUE TSVs, e.g. from "

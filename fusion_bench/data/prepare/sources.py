@@ -102,6 +102,6 @@ GLUE_HUB_ID = "nyu-mll/glue"
 
 def glue_source(task: str, dataset: str = GLUE_HUB_ID) -> HFSource:
     """GLUE task `task` (the Hub config of that name): train and the dev split the loader reads."""
-    from fusion_bench.t5.glue import TASKS
+    from fusion_bench.data.glue import TASKS
 
     return HFSource(dataset, ("train", TASKS[task].hf_dev), config=task)
