@@ -24,8 +24,10 @@ from fusion_bench.errors import ConfigError
 from fusion_bench.models import modes as clip_modes
 from fusion_bench.store import CheckpointStore, read_metadata
 
+ANALYSES = ("cosine", "disentanglement", "num_tasks", "negation", "kernel", "heads", "loss_landscape", "pairwise")
 
-def validate_common(cfg: DictConfig, known: list[str]) -> None:
+
+def validate_common(cfg: DictConfig, known: list[str], analyses: tuple[str, ...] = ("cosine", "num_tasks")) -> None:
     """The config errors every family shares that need more than an option's range (those are checked before, by
     fusion_bench.validation.check); the run-level ones are fusion_bench.pipeline.validate_config's."""
     if cfg.stage == "analyze" and not cfg.get("analysis"):
@@ -35,15 +37,30 @@ def validate_common(cfg: DictConfig, known: list[str]) -> None:
     unknown = [t for t in tasks if t not in known]
     if unknown:
         raise ConfigError(f"taskpool.tasks={tasks}: unknown task(s) {unknown}; {cfg.taskpool.name} has {known}")
+    if cfg.stage == "analyze" and cfg.analysis.kind not in analyses:
+        raise ConfigError(f"analysis={cfg.analysis.kind} is not available for model={cfg.model.name}: use "
+                          + " or ".join(f"analysis={a}" for a in analyses))
     eval_device(cfg.trainer)  # trainer=gpu on a machine without CUDA
 
 
 class ModelFamily:
     """A model family over one resolved config. Everything is built lazily, once."""
 
-    modes: ClassVar[Any] = clip_modes  # build_mode_model / trainable_state / to_merge_space / eval_model
-    fast_search: ClassVar[bool] = True  # accuracy is an argmax over head logits: CoefficientGrid applies
+    # What a family offers, declared by each family (a new one inherits no other family's behaviour):
+    modes: ClassVar[Any]  # required: build_mode_model / trainable_state / to_merge_space / eval_model / reload
+    fast_search: ClassVar[bool] = False  # True: accuracy is an argmax over head logits, `grid_accuracies` exists
+    analyses: ClassVar[tuple[str, ...]] = ("cosine", "num_tasks")  # stage=analyze kinds it supports (of ANALYSES)
     output_formats: ClassVar[tuple[str, ...]] = ("safetensors",)  # the output.format values (fusion_bench.export)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if getattr(cls, "modes", None) is None:
+            raise TypeError(f"{cls.__name__} declares no fine-tuning modes: set the class attribute `modes` to a "
+                            f"module or object with build_mode_model, trainable_state, to_merge_space, eval_model "
+                            f"(fusion_bench/models/modes.py is CLIP's, fusion_bench/t5/modes.py T5's)")
+        unknown = set(cls.analyses) - set(ANALYSES)
+        if unknown:
+            raise TypeError(f"{cls.__name__}.analyses names unknown analyses {sorted(unknown)}; known: {ANALYSES}")
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
@@ -99,6 +116,11 @@ class ModelFamily:
     def accuracies(self, runs: list[tuple[nn.Module, str, str]]) -> list[float]:
         """Accuracy of each (model, task, split)."""
         return [self.acc(*r) for r in runs]
+
+    def grid_accuracies(self, line, tasks: list[str], split: str) -> list[list[float]]:
+        """acc[i][j]: accuracy on tasks[i] of the merge at line.grid[j] in one pass (fast_search families only)."""
+        raise NotImplementedError(f"{type(self).__name__} has no one-pass coefficient grid (fast_search = False): "
+                                  f"the search merges and evaluates at each coefficient")
 
     # ---- what the export stage asks of a family (fusion_bench.export, output.format) --------------------------
     @classmethod

@@ -17,7 +17,7 @@ from fusion_bench.data.tasks import Task, known_tasks, load_control, load_task
 from fusion_bench.errors import ConfigError, MissingFileError
 from fusion_bench.evaluation.accuracy import accuracy
 from fusion_bench.evaluation.search import CoefficientGrid, grid_correct
-from fusion_bench.families.base import ModelFamily, validate_common
+from fusion_bench.families.base import ANALYSES, ModelFamily, validate_common
 from fusion_bench.models import modes as clip_modes
 from fusion_bench.models.clip import ImageClassifier, head_logits, load_clip, zero_shot_head
 from fusion_bench.models.imported import finetuned_source
@@ -30,11 +30,14 @@ class CLIPFamily(ModelFamily):
     """open_clip's image tower with one head per task: the frozen zero-shot head, or with finetune.train_head the
     head trained with each fine-tune (initialised from the zero-shot head, stored next to it, never merged)."""
 
+    modes = clip_modes
+    fast_search = True  # accuracy is an argmax over head logits: the search's CoefficientGrid applies
+    analyses = ANALYSES  # every one
     output_formats = ("safetensors", "open_clip", "transformers")  # output.format (fusion_bench.export)
 
     @classmethod
     def validate(cls, cfg: DictConfig) -> None:
-        validate_common(cfg, known_tasks(cfg.taskpool))
+        validate_common(cfg, known_tasks(cfg.taskpool), cls.analyses)
         spec, tasks = cfg.get("finetuned_from"), list(cfg.taskpool.tasks)
         if not spec:
             return

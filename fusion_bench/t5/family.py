@@ -59,10 +59,7 @@ class T5Family(ModelFamily):
         if eval_device(cfg.trainer)[1] is torch.float16:
             raise ConfigError(f"trainer.precision={cfg.trainer.precision}: T5's activations overflow float16 (inf/NaN "
                               f"losses); use bf16-mixed or 32-true")
-        validate_common(cfg, sorted(glue.TASKS))
-        if cfg.stage == "analyze" and cfg.analysis.kind not in ("cosine", "num_tasks"):
-            raise ConfigError(f"analysis={cfg.analysis.kind} compares image-classifier predictions; for T5 use "
-                              f"analysis=cosine or analysis=num_tasks")
+        validate_common(cfg, sorted(glue.TASKS), cls.analyses)  # the others compare image-classifier predictions
 
     @classmethod
     def check_output(cls, cfg: DictConfig, fmt: str, adapters: bool) -> None:
