@@ -36,6 +36,8 @@ bench-finetune: ## fine-tuning and evaluation images/s, memory and FLOPs per mod
 	$(PY) -m fusion_bench.benchmarks.finetune --arch vit_b32 --json outputs/bench_finetune/vit_b32.json
 
 MODES ?= standard,linear,attention,linear_layers,lora,l_lora
+# method lists: names of conf/method/*.yaml, the keys of the table fusion_bench.merging.METHODS
+# (tests/test_method_table.py checks every name here, and that bench-tiny runs every method of the table)
 METHODS ?= task_arithmetic,ties,dare,dare_ties,awd_ta,awd_ties
 SWEEP = -m finetune=$(MODES) method=$(METHODS) method.scaling_coef=search
 
@@ -45,8 +47,10 @@ MODES_2024 ?= standard,attention
 bench-calibrate: ## the tiny benchmark's calibration probe: zero-shot, individual, WA / TA / TIES for one recipe (CAL_ARGS="--lr 1e-3"; default: the tiny_clip recipe)
 	$(PY) -m fusion_bench.benchmarks.calibrate $(CAL_ARGS)
 
-bench-tiny:     ## every mode x every method on tiny_eight, then the 2024-2026 methods and those that look at data (CPU)
+bench-tiny:     ## every method of the table on tiny_eight: every mode x METHODS and weight averaging, partial linearization (l_lora), then the 2024-2026 methods and those that look at data (CPU)
 	$(PY) run.py $(SWEEP)
+	$(PY) run.py -m finetune=$(MODES) method=weight_average
+	$(PY) run.py -m finetune=l_lora method=partial_linearization
 	$(MAKE) bench-tiny-2024
 	$(MAKE) bench-tiny-data
 

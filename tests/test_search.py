@@ -3,37 +3,66 @@ gives exactly the accuracies of 21 separate merges and evaluations."""
 
 import pytest
 import torch
+from method_cases import line_gap, moved, settings, states
 from torch.utils.data import Subset
 
 from fusion_bench import merging
-from fusion_bench.evaluation.search import GRID
+from fusion_bench.evaluation.search import GRID, affine_in_coef
 from fusion_bench.families import build_family
+from fusion_bench.merging.registry import methods
 from fusion_bench.stages.evaluate import grid_accuracies, merged_accuracies
 from fusion_bench.stages.merge import Method
+from fusion_bench.validation.check import method_ranges
+from fusion_bench.validation.ranges import PER_TASK_COEF
 
-SCALED = {  # every library method with a scaling_coef, with hyper-parameters where they differ from TA
-    "task_arithmetic": {}, "ties_merging": {"k": 0.3}, "dare": {"p": 0.5}, "awd_ta": {}, "awd_ties": {"k": 0.3},
-}
+AFFINE = sorted(n for n, s in methods().items() if s.affine)  # every method declared affine in its scaling_coef
+NOT_AFFINE = sorted(n for n, s in methods().items() if s.affine is False)
+AWD = {"lr": 100.0}  # the YAML's lr barely moves delta on these small task vectors; this moves it by 0.3 ||tau||
+OVER = {n: AWD for n in AFFINE if methods()[n].function.__name__.startswith("awd")}
+OTHER_PATHS = [  # settings that take another code path than the YAML's
+    ("ties", {"per_tensor": True}), ("dare_ties", {"k": 0.5}), ("dare_ties", {"k": 0.5, "per_tensor": True}),
+    ("dare", {"rescale": False}), ("awd_ta", {"optimizer": "adam", "lr": 1.0}), ("awd_ties", {**AWD, "k": 1.0}),
+    ("awd_ties", {**AWD, "per_tensor": True}), ("awd_ties", {"optimizer": "adam", "lr": 1.0}),
+    ("consensus_ties", {"ties_agg": "mean"}), ("consensus_ta", {"lambdas": [0.2, 0.4, 0.6], "k": 1}),
+    ("wudi", {"keys": "all_2d", "lr": 1e-2}), ("breadcrumbs", {"density": 0.5, "gamma": 0.1}),
+    ("iso_cts", {"common_space_fraction": 0.5}),
+]
+CASES = [(n, OVER.get(n, {})) for n in AFFINE] + OTHER_PATHS
+PER_TASK = [n for n in AFFINE  # scaling_coef takes one per task (method.task_coefs: scaling_coef * task_coefs[t])
+            if method_ranges(methods()[n].function, settings(n)).get("scaling_coef") is PER_TASK_COEF]
 
 
-def _states(n=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    pre = {"w": torch.randn(6, 5, generator=g), "b": torch.randn(7, generator=g), "step": torch.tensor(3)}
-    fts = [{k: v + 0.3 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in pre.items()}
-           for _ in range(n)]
-    return pre, fts
+@pytest.mark.parametrize(("name", "over"), CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
+def test_every_scaled_method_is_affine_in_its_coefficient(name, over):
+    """The search's premise, for every method of the table that says affine=True, with its YAML's settings (and
+    other code paths): theta(c) = theta_0 + c * (theta(1) - theta_0), also at c = 0 and past 1."""
+    assert methods()[name].affine
+    pre, fts = states()
+    assert moved(name, pre, fts, **over)  # theta(1) != theta_0: the check below is not about theta_0 alone
+    for c in (0.0, 0.3, 1.7):
+        assert line_gap(name, pre, fts, c, **over) < 1e-6, c
 
 
-@pytest.mark.parametrize("name", sorted(SCALED))
-def test_every_scaled_method_is_affine_in_its_coefficient(name):
-    """The search's premise: theta(c) = theta_0 + c * (theta(1) - theta_0)."""
-    fn = getattr(merging, name)
-    pre, fts = _states()
-    one = fn(pre, fts, scaling_coef=1.0, **SCALED[name])
-    for c in (0.0, 0.35, 0.8):
-        got = fn(pre, fts, scaling_coef=c, **SCALED[name])
-        for k in ("w", "b"):
-            torch.testing.assert_close(got[k], pre[k] + c * (one[k] - pre[k]), rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("name", PER_TASK)
+def test_per_task_coefficients_scale_along_one_line(name):
+    """method.task_coefs with scaling_coef=search: the search merges once at scaling_coef = w (one per task) and
+    reads theta_0 + c * (theta(w) - theta_0) as the merge at c * w."""
+    pre, fts = states()
+    for c in (0.0, 0.3, 1.7):
+        assert line_gap(name, pre, fts, c, at_one=[0.5, 1.0, 1.5], **OVER.get(name, {})) < 1e-6, c
+
+
+@pytest.mark.parametrize("name", NOT_AFFINE)
+def test_methods_declared_not_affine_are_not(name):
+    """affine=False costs one merge per coefficient of the grid: a method that says so must need it."""
+    pre, fts = states()
+    assert max(line_gap(name, pre, fts, c) for c in (0.3, 1.7)) > 1e-4
+
+
+def test_methods_without_a_coefficient_declare_no_affinity():
+    for name, spec in methods().items():
+        assert (spec.affine is None) == (not spec.takes_coef), name
+        assert affine_in_coef(spec.function) is (spec.affine is not False), name  # what the search reads
 
 
 def _experiment(make_cfg, *overrides, sizes=(("shapes", 90), ("colors", 70))):

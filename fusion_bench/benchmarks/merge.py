@@ -14,6 +14,7 @@ Not a test.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -25,33 +26,55 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 ARCHS = {"vit_b32": "ViT-B-32-quickgelu", "vit_l14": "ViT-L-14-quickgelu"}
-METHODS: dict[str, tuple[str, dict]] = {
-    "weight_average": ("weight_average", {}),
-    "task_arithmetic": ("task_arithmetic", {"scaling_coef": 0.3}),
-    "ties": ("ties_merging", {"k": 0.2, "scaling_coef": 0.3}),
-    "ties_per_tensor": ("ties_merging", {"k": 0.2, "scaling_coef": 0.3, "per_tensor": True}),
-    "dare": ("dare", {"p": 0.9, "scaling_coef": 0.3}),
-    "dare_ties": ("dare", {"p": 0.9, "base": "ties", "scaling_coef": 0.3}),
-    "awd_ta": ("awd_ta", {"scaling_coef": 0.3}),
-    "awd_ties": ("awd_ties", {"k": 0.2, "scaling_coef": 0.3}),
-    "consensus_ta": ("consensus_merging", {"base": "task_arithmetic", "k": 2, "lambdas": 0.4, "scaling_coef": 0.3}),
-    "consensus_ties": ("consensus_merging", {"base": "ties", "ties_k": 0.2, "k": 2, "lambdas": 0.4,
-                                             "scaling_coef": 0.3}),
-    "tall_masks": ("tall_masks", {"lambdas": 0.4}),  # builds the TaskSpecificMerge (masks) only
-    "emr": ("emr_merging", {}),  # builds the TaskSpecificMerge only
-    "breadcrumbs": ("breadcrumbs", {"density": 0.15, "gamma": 0.006, "scaling_coef": 0.3}),
-    "magmax": ("magmax", {"scaling_coef": 0.5}),
-    "model_stock": ("model_stock", {}),
-    "tsv_merging": ("tsv_merging", {"scaling_coef": 1.0}),
-    "iso_c": ("iso_c", {"scaling_coef": 1.0}),
-    "iso_cts": ("iso_cts", {"scaling_coef": 1.0, "common_space_fraction": 0.8}),
-    "wudi": ("wudi_merging", {"scaling_coef": 1.0, "lr": 1e-5, "iterations": 300}),
-    "wudi_30_steps": ("wudi_merging", {"scaling_coef": 1.0, "lr": 1e-5, "iterations": 30}),  # per-step cost
+# Every method of the table (fusion_bench/merging/registry.py) that merges a model without data or a fine-tuning
+# mode of its own (kinds data-free and task-specific, no `modes`), once per function and settings (an alias such
+# as awd = awd_ta runs once), with its conf/method/<name>.yaml settings; a setting chosen on val ("search") takes
+# the function's default (scaling_coef 0.3, or 1.0 for Iso-C/CTS, 0.5 for MagMax; TALL lambdas 0.4).
+# Task-specific methods build the TaskSpecificMerge (shared vector, masks) only. Read with `methods()` (or
+# `METHODS`, `DEFAULT_METHODS`): it imports torch, which the driver process does not (see main).
+VARIANTS: dict[str, tuple[str, dict, bool]] = {  # name -> (config, settings over the config's, in the default run)
+    "ties_per_tensor": ("ties", {"per_tensor": True}, True),
+    "wudi_30_steps": ("wudi", {"iterations": 30}, False),  # per-step cost (ViT-L/14: 30 of 300 steps)
 }
-METHODS_2024 = ["tsv_merging", "iso_c", "iso_cts", "wudi", "consensus_ta", "consensus_ties", "tall_masks", "emr",
-                "breadcrumbs", "magmax", "model_stock"]  # fmt: skip
-DEFAULT_METHODS = ["weight_average", "task_arithmetic", "ties", "ties_per_tensor", "dare", "dare_ties",
-                   "awd_ta", "awd_ties", *METHODS_2024]  # fmt: skip
+BENCH_KINDS = ("data-free", "task-specific")
+
+
+def config_settings(name: str, function) -> dict:
+    """conf/method/<name>.yaml's settings for `function`; "search" -> the function's default."""
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "method" / f"{name}.yaml"))
+    params = inspect.signature(function).parameters
+    return {k: params[k].default if v == "search" else v for k, v in cfg.items() if not k.startswith("_")}
+
+
+@functools.cache
+def methods() -> dict[str, tuple[str, str, dict]]:
+    """bench name -> (config name, function name, settings): see VARIANTS and the comment above it."""
+    from fusion_bench.merging.registry import methods as table
+
+    rows, seen = {}, set()
+    for name, spec in table().items():  # declaration order: an alias comes after its first name
+        if spec.kind not in BENCH_KINDS or spec.modes is not None:
+            continue
+        settings = config_settings(name, spec.function)
+        key = (spec.target, json.dumps(settings, sort_keys=True))
+        if key not in seen:
+            seen.add(key)
+            rows[name] = (name, spec.function.__name__, settings)
+    for variant, (name, extra, _) in VARIANTS.items():
+        rows[variant] = (name, rows[name][1], {**rows[name][2], **extra})
+    return dict(sorted(rows.items()))
+
+
+def __getattr__(name: str):
+    if name == "METHODS":  # bench name -> (function name in fusion_bench.merging, settings)
+        return {k: (fn, kw) for k, (_, fn, kw) in methods().items()}
+    if name == "DEFAULT_METHODS":
+        return [k for k in methods() if VARIANTS.get(k, (None, None, True))[2]]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def checkpoint_paths(cache: Path, n_tasks: int) -> tuple[Path, list[Path]]:
@@ -128,8 +151,10 @@ def worker(method: str, cache: Path, n_tasks: int, threads: int) -> None:
     logging.getLogger("fusion_bench.merging").addHandler(Grab())
     logging.getLogger("fusion_bench.merging").setLevel(logging.INFO)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    fn_name, kwargs = METHODS[method]
-    fn = getattr(fm, fn_name)
+    from fusion_bench.merging.registry import methods as table
+
+    config, _, kwargs = methods()[method]
+    fn = table()[config].function
     pre_path, ft_paths = checkpoint_paths(cache, n_tasks)
     t0 = time.perf_counter()
     pre = fm.LazyStateDict(pre_path)
@@ -193,7 +218,7 @@ def write_results(path: Path, arch: str, header: str, body: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", choices=sorted(ARCHS), default="vit_b32")
-    ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=sorted(METHODS))
+    ap.add_argument("--methods", nargs="+", default=None, help="default: every method of the table (see METHODS)")
     ap.add_argument("--n-tasks", type=int, default=8)
     ap.add_argument("--sigma", type=float, default=3e-4, help="per-entry std of the synthetic task vectors")
     ap.add_argument("--threads", type=int, default=2, help="torch threads in each merge subprocess")
@@ -208,11 +233,25 @@ def main() -> None:
     ap.add_argument("--cache-dir", type=Path, default=None, help="default outputs/bench_merge/<arch>")
     ap.add_argument("--write", action="store_true", help="write the table into outputs/bench_merge/RESULTS.md")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--list", action="store_true", help="print the methods (JSON: name -> [function, settings])")
+    ap.add_argument("--list-defaults", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     cache = args.cache_dir or ROOT / "outputs" / "bench_merge" / args.arch
     if args.worker:
         worker(args.worker, cache, args.n_tasks, args.threads)
         return
+    if args.list or args.list_defaults:
+        print(json.dumps(__getattr__("METHODS") if args.list else __getattr__("DEFAULT_METHODS")))
+        return
+    # the method names come from a subprocess: the table imports torch, and this driver stays small
+    # (ru_maxrss is inherited across fork + exec)
+    listed = [sys.executable, __file__, "--list-defaults" if args.methods is None else "--list"]
+    names = json.loads(subprocess.run(listed, check=True, capture_output=True, text=True, env=_env(""),
+                                      cwd=ROOT).stdout.strip().splitlines()[-1])
+    if args.methods is None:
+        args.methods = names
+    elif unknown := [m for m in args.methods if m not in names]:
+        ap.error(f"--methods: unknown {unknown}; choose from {sorted(names)}")
     if args.build_only:
         build_checkpoints(args.arch, cache, args.n_tasks, args.sigma)
         return

@@ -10,6 +10,10 @@ Task-specific methods (:func:`tall_masks`, :func:`emr_merging`) return a :class:
 Statistics-based methods (:func:`regmean`, :func:`fisher_merging`) also take one statistic per task
 (Gram matrices, diagonal Fishers: fusion_bench.statistics) and no ``scaling_coef``. Coefficient learning
 (fusion_bench.merging.adamerging, fusion_bench.merging.lorahub) learns the coefficients of a weighted merge.
+
+Every method is declared where it is defined (``@merging_method``) in one table, ``METHODS`` (name of its
+conf/method/*.yaml -> :class:`~fusion_bench.merging.registry.MethodSpec`: kind, affine in scaling_coef, modes,
+...): fusion_bench/merging/registry.py, whose doc says how to add a method.
 """
 
 from .awd import AWDResult, awd_disentangle, awd_reference, awd_ta, awd_ties
@@ -22,6 +26,7 @@ from .iso import iso_c, iso_cts
 from .lazy import LazyStateDict
 from .magmax import magmax
 from .model_stock import model_stock
+from .registry import MethodSpec, merging_method
 from .regmean import regmean
 from .task_arithmetic import task_arithmetic
 from .task_specific import TaskSpecificMerge
@@ -32,8 +37,10 @@ from .weight_average import weight_average
 from .wudi import wudi_merging
 
 __all__ = [
+    "METHODS",
     "AWDResult",
     "LazyStateDict",
+    "MethodSpec",
     "TaskSpecificMerge",
     "awd_disentangle",
     "awd_reference",
@@ -50,6 +57,7 @@ __all__ = [
     "iso_cts",
     "kth_largest",
     "magmax",
+    "merging_method",
     "model_stock",
     "regmean",
     "tall_mask_lambda_grid",
@@ -60,3 +68,11 @@ __all__ = [
     "weight_average",
     "wudi_merging",
 ]
+
+
+def __getattr__(name: str):
+    if name == "METHODS":  # the table, complete once every module of the package has declared its methods
+        from .registry import methods
+
+        return methods()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

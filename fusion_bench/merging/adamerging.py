@@ -37,10 +37,15 @@ from rich.progress import track
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .registry import coefficient_method
 from .task_vectors import StateDict, Workspace, prepare, shrink_lambda, stream_blocks
 from .ties import check_k, global_thresholds
 
 log = logging.getLogger(__name__)
+
+# method=adamerging / adamerging_pp: conf/method/<name>.yaml composes the base config with coefficients=adamerging
+coefficient_method("adamerging", base="task_arithmetic", strategy="adamerging")
+coefficient_method("adamerging_pp", base="ties", strategy="adamerging")  # AdaMerging++: over TIES
 
 LogitsFn = Callable[[dict[str, Tensor], int, Any], Tensor]
 

@@ -58,6 +58,7 @@ from fusion_bench.validation.ranges import (
     non_negative,
 )
 
+from .registry import merging_method
 from .task_arithmetic import weighted_sum_merge
 from .task_vectors import (
     MergeInputs,
@@ -349,6 +350,7 @@ def awd_disentangle(
     return _disentangle(inp, alpha, lr, iterations, optimizer, "awd")
 
 
+@merging_method("awd_ta", "awd", kind="data-free", affine=True)  # awd: an alias
 def awd_ta(
     pretrained: StateDict,
     finetuned: Sequence[StateDict],
@@ -373,6 +375,7 @@ def awd_ta(
     return weighted_sum_merge(inp, lam, transform=SubtractDelta(res.delta))
 
 
+@merging_method(kind="data-free", affine=True)
 def awd_ties(
     pretrained: StateDict,
     finetuned: Sequence[StateDict],

@@ -33,6 +33,7 @@ from torch import Tensor
 from fusion_bench.errors import ConfigError
 from fusion_bench.validation.ranges import PER_TASK_COEF, Context, fraction
 
+from .registry import merging_method
 from .task_vectors import (
     _HI,
     _LO,
@@ -82,6 +83,7 @@ def breadcrumbs_thresholds(a: Tensor, density: float, gamma: float) -> tuple[flo
     return lo, hi
 
 
+@merging_method(kind="data-free", affine=True)
 def breadcrumbs(
     pretrained: StateDict,
     finetuned: Sequence[StateDict],

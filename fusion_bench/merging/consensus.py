@@ -63,6 +63,7 @@ from torch import Tensor
 from fusion_bench.errors import ConfigError
 from fusion_bench.validation.ranges import ONE_COEF, Context, ListOf, Number, any_of, choice, non_negative
 
+from .registry import merging_method
 from .task_specific import TaskSpecificMerge
 from .task_vectors import (
     MergeInputs,
@@ -163,6 +164,7 @@ def _tall_pass(
     stream_blocks(inp, block)
 
 
+@merging_method("consensus_ta", "consensus_ties", kind="data-free", affine=True)  # base=task_arithmetic | ties
 def consensus_merging(
     pretrained: StateDict,
     finetuned: Sequence[StateDict],
@@ -216,6 +218,7 @@ def consensus_merging(
     return finish(inp, out)
 
 
+@merging_method(kind="task-specific")
 def tall_masks(
     pretrained: StateDict,
     finetuned: Sequence[StateDict],

@@ -33,6 +33,7 @@ from fusion_bench.validation.ranges import (
     fraction,
 )
 
+from .registry import merging_method
 from .task_arithmetic import weighted_sum_merge
 from .task_vectors import StateDict, Transform, derived_seed, is_number, prepare, scalar_coef, scaling_coefs
 from .ties import KEPT_FRACTION, check_k, ties_merge
@@ -68,6 +69,7 @@ class DareDrop(Transform):
             x.div_(self.density)
 
 
+@merging_method("dare", "dare_ties", kind="data-free", affine=True)  # base=task_arithmetic | ties
 def dare(
     pretrained: StateDict,
     finetuned: Sequence[StateDict],

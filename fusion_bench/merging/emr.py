@@ -26,12 +26,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .registry import merging_method
 from .task_specific import TaskSpecificMerge
 from .task_vectors import StateDict, Workspace, prepare, stream_blocks
 
 log = logging.getLogger(__name__)
 
 
+@merging_method("emr", kind="task-specific")
 def emr_merging(pretrained: StateDict, finetuned: Sequence[StateDict]) -> TaskSpecificMerge:
     """EMR merging (see module doc): shared ``tau_uni``, per-task masks ``M_t`` and rescalers ``l_t``."""
     inp = prepare(pretrained, finetuned, "emr_merging")

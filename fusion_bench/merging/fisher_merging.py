@@ -29,11 +29,13 @@ from torch import Tensor
 
 from fusion_bench.validation.ranges import FLAG, positive
 
+from .registry import merging_method
 from .task_vectors import StateDict, finish, prepare, scaling_coefs, statistic_keys
 
 log = logging.getLogger(__name__)
 
 
+@merging_method(kind="statistics", statistic="fisher")
 def fisher_merging(
     pretrained: StateDict,
     finetuned: Sequence[StateDict],

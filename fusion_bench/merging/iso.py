@@ -40,6 +40,7 @@ from torch import Tensor
 
 from fusion_bench.validation.ranges import ONE_COEF, fraction
 
+from .registry import merging_method
 from .spectral import (
     eig_triplets,
     eigh_many,
@@ -53,6 +54,7 @@ from .spectral import (
 from .task_vectors import StateDict, is_number, prepare, scalar_coef
 
 
+@merging_method(kind="data-free", affine=True)
 def iso_c(
     pretrained: StateDict,
     finetuned: Sequence[StateDict],
@@ -64,6 +66,7 @@ def iso_c(
     return merge_2d_keys(inp, alpha, iso_c_key, "Iso-C")
 
 
+@merging_method(kind="data-free", affine=True)
 def iso_cts(
     pretrained: StateDict,
     finetuned: Sequence[StateDict],

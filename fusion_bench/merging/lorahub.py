@@ -49,7 +49,12 @@ import torch
 from rich.progress import track
 from torch import Tensor
 
+from .registry import coefficient_method
+
 log = logging.getLogger(__name__)
+
+# method=lorahub: conf/method/lorahub.yaml composes task_arithmetic with coefficients=lorahub
+coefficient_method("lorahub", base="task_arithmetic", strategy="lorahub")
 
 
 def _check_adapters(adapters: Sequence[Mapping[str, Tensor]]) -> list[str]:

@@ -16,9 +16,11 @@ from torch import Tensor
 
 from fusion_bench.validation.ranges import ONE_COEF
 
+from .registry import merging_method
 from .task_vectors import StateDict, Workspace, prepare, scalar_coef, stream_merge
 
 
+@merging_method(kind="data-free", affine=True)
 def magmax(
     pretrained: StateDict,
     finetuned: Sequence[StateDict],

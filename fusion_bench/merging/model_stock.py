@@ -37,6 +37,7 @@ from torch import Tensor
 
 from fusion_bench.validation.ranges import choice
 
+from .registry import merging_method
 from .task_vectors import StateDict, Workspace, prepare, stream_merge
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ def model_stock_ratio(gram: Tensor, average: str = "cosine") -> float:
     return k * c / denom
 
 
+@merging_method(kind="data-free")
 def model_stock(
     pretrained: StateDict, finetuned: Sequence[StateDict], average: str = "cosine"
 ) -> dict[str, Tensor]:

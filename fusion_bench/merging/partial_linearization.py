@@ -2,8 +2,9 @@
 linearized (finetune=l_lora), with the merged adapters evaluated *through the linearized model*
 f(x; W0, phi0) + J_phi (phi_merged - phi0), where task vectors add exactly (the output is affine in phi).
 
-The merge itself is task arithmetic; the two attributes tell the pipeline which fine-tunes it needs
-(`requires_mode`) and how to evaluate the result (`evaluate_linearized`).
+The merge itself is task arithmetic; its declaration (fusion_bench/merging/registry.py) tells the pipeline which
+fine-tunes it needs (modes: the `requires_mode` attribute) and how to evaluate the result (linearized:
+`evaluate_linearized`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from torch import Tensor
 
 from fusion_bench.validation.ranges import PER_TASK_COEF
 
+from .registry import merging_method
 
+
+@merging_method(kind="data-free", affine=True, modes=("l_lora",), linearized=True)
 def partial_linearization(
     pretrained: Mapping[str, Tensor],
     finetuned: Sequence[Mapping[str, Tensor]],
@@ -25,9 +29,6 @@ def partial_linearization(
 
     return task_arithmetic(pretrained, finetuned, scaling_coef=scaling_coef)
 
-
-partial_linearization.requires_mode = "l_lora"
-partial_linearization.evaluate_linearized = True
 
 # What each setting must be, checked with the rest of the config before any work (fusion_bench/validation).
 partial_linearization.ranges = {"scaling_coef": PER_TASK_COEF}

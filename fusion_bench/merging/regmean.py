@@ -29,6 +29,7 @@ from torch import Tensor
 
 from fusion_bench.validation.ranges import fraction
 
+from .registry import merging_method
 from .task_vectors import StateDict, finish, prepare, statistic_keys
 
 
@@ -37,6 +38,7 @@ def is_right_multiplied(key: str) -> bool:
     return key == "proj" or key.endswith(".proj")
 
 
+@merging_method(kind="statistics", statistic="gram")
 def regmean(
     pretrained: StateDict,
     finetuned: Sequence[StateDict],

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from fusion_bench.validation.ranges import PER_TASK_COEF
 
+from .registry import merging_method
 from .task_vectors import (
     MergeInputs,
     StateDict,
@@ -20,6 +21,7 @@ from .task_vectors import (
 )
 
 
+@merging_method(kind="data-free", affine=True)
 def task_arithmetic(
     pretrained: StateDict,
     finetuned: Sequence[StateDict],

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from fusion_bench.validation.ranges import FLAG, ONE_COEF, fraction
 
+from .registry import merging_method
 from .task_vectors import (
     MergeInputs,
     StateDict,
@@ -46,6 +47,7 @@ from .task_vectors import (
 log = logging.getLogger(__name__)
 
 
+@merging_method("ties", kind="data-free", affine=True)
 def ties_merging(
     pretrained: StateDict,
     finetuned: Sequence[StateDict],

@@ -31,12 +31,14 @@ from torch import Tensor
 
 from fusion_bench.validation.ranges import ONE_COEF
 
+from .registry import merging_method
 from .spectral import eigh_many, gram, merge_2d_keys, polar_pair, svd_from_gram
 from .task_vectors import StateDict, prepare, scalar_coef
 
 log = logging.getLogger(__name__)
 
 
+@merging_method(kind="data-free", affine=True)
 def tsv_merging(
     pretrained: StateDict,
     finetuned: Sequence[StateDict],

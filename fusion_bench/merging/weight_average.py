@@ -8,9 +8,11 @@ import torch
 from torch import Tensor
 
 from . import task_vectors as tv
+from .registry import merging_method
 from .task_vectors import StateDict, Workspace, as_fp32, chunks, finish, flat, prepare
 
 
+@merging_method(kind="data-free")
 def weight_average(pretrained: StateDict, finetuned: Sequence[StateDict]) -> dict[str, Tensor]:
     """Mean of the finetuned weights, computed in fp32, returned in the pretrained dtypes.
 

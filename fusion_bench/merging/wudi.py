@@ -73,6 +73,7 @@ from torch import Tensor
 
 from fusion_bench.validation.ranges import ONE_COEF, ListOf, choice, fraction, integer, non_negative
 
+from .registry import merging_method
 from .task_vectors import PROGRESS_MIN_NUMEL, MergeInputs, StateDict, finish, is_number, prepare, scalar_coef
 
 log = logging.getLogger(__name__)
@@ -264,6 +265,7 @@ def wudi_keys(inp: MergeInputs, keys: str) -> list[str]:
     return chosen
 
 
+@merging_method("wudi", kind="data-free", affine=True)
 def wudi_merging(
     pretrained: StateDict,
     finetuned: Sequence[StateDict],
