@@ -22,7 +22,7 @@ run:            ## the default offline experiment
 	$(PY) run.py
 
 tiny-pretrain:  ## re-create fusion_bench/assets/tiny_clip.safetensors (deterministic)
-	$(PY) -m fusion_bench.models.tiny_pretrain
+	$(PY) -m fusion_bench.clip.tiny_pretrain
 
 bench-quick:    ## the headline figures in < 2 min: s/step, cached rerun, search cost, TIES ViT-B/32, eval images/s
 	$(PY) -m fusion_bench.benchmarks.quick

@@ -30,6 +30,11 @@ class MissingFileError(ConfigError, FileNotFoundError):
     """A file or folder an option names does not exist."""
 
 
+class WeightsNotFoundError(FileNotFoundError):
+    """Pretrained weights found in none of the places looked (the message lists them and the ways to provide
+    them); never a silent random init."""
+
+
 class DiskFullError(UserError, OSError):
     """No space left on the device while a file was written (errno ENOSPC); nothing partial was kept."""
 

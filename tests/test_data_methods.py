@@ -32,7 +32,7 @@ def _store_fake_finetunes(make_cfg, *overrides, scale=0.3):
 
 
 def _no_training(monkeypatch):
-    monkeypatch.setattr("fusion_bench.finetune.train.finetune", lambda *a, **k: pytest.fail("fine-tuned"))
+    monkeypatch.setattr("fusion_bench.clip.train.finetune", lambda *a, **k: pytest.fail("fine-tuned"))
 
 
 def test_grams_stored_once_keyed_and_equal_to_a_direct_pass(make_cfg, monkeypatch):

@@ -9,10 +9,10 @@ import pytest
 from omegaconf import OmegaConf
 from torch.utils.data import Subset
 
+from fusion_bench.clip.model import ImageClassifier
 from fusion_bench.evaluation.accuracy import accuracy
 from fusion_bench.evaluation.distributed import distributed_accuracy
 from fusion_bench.families import build_family
-from fusion_bench.models.clip import ImageClassifier
 from fusion_bench.stages.evaluate import merged_accuracies, reference_accuracies
 from fusion_bench.stages.finetune import ensure_finetuned
 

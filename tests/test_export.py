@@ -15,6 +15,14 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from fusion_bench.clip.hf_export import (
+    NoTransformersEquivalent,
+    hf_clip_config,
+    open_clip_to_hf,
+    save_hf_clip,
+)
+from fusion_bench.clip.hf_import import hf_to_open_clip
+from fusion_bench.clip.model import create_clip, load_clip
 from fusion_bench.export import OutputError
 from fusion_bench.export.task_specific import (
     load_task_weights,
@@ -24,14 +32,6 @@ from fusion_bench.export.task_specific import (
 )
 from fusion_bench.families import build_family
 from fusion_bench.merging import emr_merging, tall_masks
-from fusion_bench.models.clip import create_clip, load_clip
-from fusion_bench.models.hf_export import (
-    NoTransformersEquivalent,
-    hf_clip_config,
-    open_clip_to_hf,
-    save_hf_clip,
-)
-from fusion_bench.models.hf_import import hf_to_open_clip
 from fusion_bench.pipeline import run
 from fusion_bench.stages.export import export_merge
 from fusion_bench.stages.merge import Method
@@ -199,7 +199,7 @@ def test_clip_modes_export_the_evaluated_network(make_cfg, tmp_path, mode, one_t
 
 # ---- errors, before anything trains -------------------------------------------------------------------------------
 def test_bad_output_options_stop_before_training(make_cfg, tmp_path, monkeypatch):
-    monkeypatch.setattr("fusion_bench.finetune.train.finetune", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr("fusion_bench.clip.train.finetune", lambda *a, **k: pytest.fail("trained"))
     bad = {
         ("output.format=onnx",): r"output.format='onnx': expected one of \('safetensors', 'open_clip', "
                                  r"'transformers'\) or null",

@@ -7,9 +7,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from fusion_bench import keys
+from fusion_bench.clip.family import CLIPFamily
 from fusion_bench.errors import ConfigError
 from fusion_bench.families import build_family
-from fusion_bench.families.clip import CLIPFamily
 from fusion_bench.pipeline import run
 from fusion_bench.stages import finetune_workers
 from fusion_bench.store import load_safetensors

@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from fusion_bench.clip.model import ImageClassifier, WeightsFormatError, load_clip
 from fusion_bench.evaluation.accuracy import accuracy
 from fusion_bench.families import build_family
-from fusion_bench.models.clip import ImageClassifier, WeightsFormatError, load_clip
 from fusion_bench.pipeline import run
 from fusion_bench.stages.finetune import ensure_finetuned, finetuned_state
 
@@ -34,7 +34,7 @@ def test_imported_fine_tunes_are_merged_without_training(make_cfg, tmp_path, mon
                    "finetuned_from={digits:" + spec["digits"] + ",textures:" + spec["textures"] + "}")
     exp = build_family(cfg, validate=False)  # the files it names are written next
     tuned = _fine_tunes(exp, tmp_path)
-    monkeypatch.setattr("fusion_bench.finetune.train.finetune", lambda *a, **k: pytest.fail("fine-tuned an import"))
+    monkeypatch.setattr("fusion_bench.clip.train.finetune", lambda *a, **k: pytest.fail("fine-tuned an import"))
     report = run(cfg, tmp_path / "run", "task_arithmetic")
 
     # independent reference: load the weights into the encoder by hand and evaluate

@@ -87,7 +87,7 @@ INITS = [("lora", "zero_b"), ("lora", "compensated"), ("l_lora", "zero_b"), ("l_
 
 @pytest.fixture(scope="module")
 def tiny_encoder():
-    from fusion_bench.models.clip import create_clip
+    from fusion_bench.clip.model import create_clip
 
     torch.manual_seed(0)
     return create_clip("tiny-clip").visual.double().eval()  # random weights (nothing downloaded), fp64

@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from fusion_bench.models.clip import create_clip
+from fusion_bench.clip.model import create_clip
 from fusion_bench.models.linearize import LinearizedModel
 from fusion_bench.models.lora import LinearizedLoRA, LoRAEncoder, add_lora, lora_layers
 from fusion_bench.models.modes import build_mode_model, eval_model, to_merge_space, trainable_state

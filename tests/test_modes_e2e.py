@@ -57,7 +57,7 @@ def test_l_lora_end_to_end_then_partial_linearization(make_cfg, tmp_path, monkey
     assert all(keys == expected for keys in stored_keys(tmp_path, "l_lora"))
 
     # the same fine-tunes, merged by task arithmetic and evaluated through the linearized adapters
-    monkeypatch.setattr("fusion_bench.finetune.train.finetune", lambda *a, **k: pytest.fail("retrained a cached task"))
+    monkeypatch.setattr("fusion_bench.clip.train.finetune", lambda *a, **k: pytest.fail("retrained a cached task"))
     pl = run(make_cfg("finetune=l_lora", *FAST, "method=partial_linearization"), tmp_path / "pl",
              "partial_linearization")
     check_report(pl, "l_lora", "partial_linearization")
@@ -69,7 +69,7 @@ def test_l_lora_end_to_end_then_partial_linearization(make_cfg, tmp_path, monkey
 @pytest.mark.slow
 def test_posthoc_linearization_reuses_standard_finetunes(make_cfg, tmp_path, monkeypatch):
     std = run(make_cfg(*FAST, "method.scaling_coef=0.3"), tmp_path / "std", "task_arithmetic")
-    monkeypatch.setattr("fusion_bench.finetune.train.finetune", lambda *a, **k: pytest.fail("retrained a cached task"))
+    monkeypatch.setattr("fusion_bench.clip.train.finetune", lambda *a, **k: pytest.fail("retrained a cached task"))
     post = run(make_cfg(*FAST, "finetune=linear", "finetune.posthoc=true", "method.scaling_coef=0.3"),
                tmp_path / "post", "task_arithmetic")
     check_report(post, "linear", "task_arithmetic")

@@ -17,12 +17,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from fusion_bench.analyses.negation import pick_negation_coef
+from fusion_bench.clip.model import create_clip, head_logits
 from fusion_bench.data import imagenet, tiny_control, tiny_images
 from fusion_bench.data.eight_tasks import DatasetNotFoundError
 from fusion_bench.data.imagenet_names import IMAGENET_WNIDS
 from fusion_bench.evaluation.search import GRID
 from fusion_bench.families import build_family
-from fusion_bench.models.clip import create_clip, head_logits
 from fusion_bench.models.modes import build_mode_model, load_trainable, posthoc_linearized, trainable_state
 from fusion_bench.pipeline import run
 from fusion_bench.reporting import paper_report

@@ -35,7 +35,7 @@ def test_end_to_end_two_tasks(make_cfg, tmp_path, monkeypatch):
     assert avg["finetuned"] > avg["zeroshot"]
 
     # a rerun reuses the stored fine-tunes: training must not be called again
-    monkeypatch.setattr("fusion_bench.finetune.train.finetune", lambda *a, **k: pytest.fail("retrained a cached task"))
+    monkeypatch.setattr("fusion_bench.clip.train.finetune", lambda *a, **k: pytest.fail("retrained a cached task"))
     again = run(make_cfg(*FAST), tmp_path / "run2", "task_arithmetic")
     assert again["tasks"] == report["tasks"]
 
@@ -75,8 +75,8 @@ def test_config_errors_caught_before_training(make_cfg, tmp_path):
 def test_same_seed_same_report_and_foreign_task_vectors_refused(make_cfg, tmp_path):
     import shutil
 
+    from fusion_bench.clip.model import create_clip
     from fusion_bench.families import build_family
-    from fusion_bench.models.clip import create_clip
     from fusion_bench.stages.finetune import finetuned_state
     from fusion_bench.store import atomic_save_safetensors
 

@@ -11,9 +11,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fusion_bench.models import clip as fclip
-from fusion_bench.models import hf_import
-from fusion_bench.models.clip import WeightsFormatError, WeightsNotFoundError, create_clip, load_clip
+from fusion_bench.clip import hf_import
+from fusion_bench.clip import model as fclip
+from fusion_bench.clip.model import WeightsFormatError, WeightsNotFoundError, create_clip, load_clip
 
 transformers = pytest.importorskip("transformers")
 
@@ -243,7 +243,7 @@ def test_published_clip_vision_model_folder_imports_as_a_fine_tune(small_arch, t
     the imported encoder computes the transformers model's features; the projection, which a CLIPVisionModel
     lacks, stays the pretrained one. transformers 5 saves its keys as `embeddings...`; the published fine-tunes,
     saved by transformers 4, as `vision_model.embeddings...`."""
-    from fusion_bench.models.imported import import_encoder
+    from fusion_bench.clip.imported import import_encoder
 
     vcfg = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                                          num_attention_heads=2, image_size=32, patch_size=16,

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
+from fusion_bench.clip.model import ImageClassifier
 from fusion_bench.evaluation.accuracy import accuracy
 from fusion_bench.families import build_family
-from fusion_bench.models.clip import ImageClassifier
 from fusion_bench.stages.evaluate import eval_key
 from fusion_bench.stages.merge import Method
 
@@ -96,7 +96,7 @@ def test_fingerprint_covers_the_pretrained_encoder_in_every_mode(make_cfg, tmp_p
 
     mine = build_family(make_cfg(f"finetune={mode}"))
     other = tmp_path / "other_clip.safetensors"
-    from fusion_bench.models.clip import load_clip
+    from fusion_bench.clip.model import load_clip
 
     whole = load_clip(mine.cfg.model).state_dict()
     state = {k: v.clone() for k, v in whole.items()}

@@ -10,10 +10,11 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from fusion_bench.clip import train
 from fusion_bench.data.tiny_eight import SPLIT_SIZES
 from fusion_bench.families import build_family
-from fusion_bench.finetune import train
 from fusion_bench.finetune.sampler import SeededAugmentation, StepBatchSampler, StepDataLoader
+from fusion_bench.finetune.train import FileCheckpointIO
 from fusion_bench.stages.finetune import ensure_finetuned
 from fusion_bench.store import load_safetensors
 
@@ -120,7 +121,7 @@ def test_interrupted_finetune_resumes_to_identical_weights(make_cfg, tmp_path, m
 
     crashed = build_family(make_cfg(*FAST, f"paths.store={tmp_path}/b"))
     with monkeypatch.context() as m:
-        m.setattr("fusion_bench.finetune.train.finetune", functools.partial(train.finetune, callbacks=[Crash()]))
+        m.setattr("fusion_bench.clip.train.finetune", functools.partial(train.finetune, callbacks=[Crash()]))
         with pytest.raises(RuntimeError, match="simulated crash"):
             ensure_finetuned(crashed, "colors")
     partial = crashed.checkpoint("colors").with_suffix(".partial") / "checkpoints" / "last.ckpt"
@@ -138,7 +139,7 @@ def test_checkpoint_is_written_to_its_file_atomically_not_through_memory(tmp_pat
     """FileCheckpointIO: torch.save straight into a temporary file, renamed over last.ckpt. A save cut short leaves
     the previous checkpoint whole, and the checkpoint is never serialised into a buffer first (Lightning's own
     save does that: weights and both AdamW moments, 3.4 GiB more at the peak of a ViT-L/14 fine-tune)."""
-    ckpt_io, path = train.FileCheckpointIO(), tmp_path / "checkpoints" / "last.ckpt"
+    ckpt_io, path = FileCheckpointIO(), tmp_path / "checkpoints" / "last.ckpt"
     targets, real_save = [], torch.save
     monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: targets.append(f) or real_save(obj, f, *a, **k))
     ckpt_io.save_checkpoint({"w": torch.arange(4.0), "global_step": 5}, path)
@@ -163,7 +164,8 @@ def test_checkpoint_is_written_to_its_file_atomically_not_through_memory(tmp_pat
 KILLED_RUN = """
 import functools, os, runpy, signal, sys
 from lightning.pytorch.callbacks import Callback
-from fusion_bench.finetune import train
+from fusion_bench.clip import train
+from fusion_bench.finetune.train import FileCheckpointIO
 
 class KillAt(Callback):
     def __init__(self, step):

@@ -124,7 +124,7 @@ def test_search_holds_one_evaluation_encoder(make_cfg):
     """The grid writes each coefficient's weights into one encoder in place: no copy per coefficient."""
     import gc
 
-    from fusion_bench.models import clip
+    from fusion_bench.clip import model as clip
 
     exp, method = _experiment(make_cfg)
     fts = _fake_finetunes(exp, 0.3)

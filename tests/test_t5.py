@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from fusion_bench.data import glue
-from fusion_bench.models.clip import WeightsNotFoundError
+from fusion_bench.errors import WeightsNotFoundError
 from fusion_bench.pipeline import run
 from fusion_bench.stages.finetune import MissingFinetuneError
 from fusion_bench.store import load_safetensors

@@ -30,7 +30,7 @@ CONF = str(ROOT / "conf")
 
 
 def _no_training(monkeypatch):
-    monkeypatch.setattr("fusion_bench.finetune.train.finetune", lambda *a, **k: pytest.fail("fine-tuned"))
+    monkeypatch.setattr("fusion_bench.clip.train.finetune", lambda *a, **k: pytest.fail("fine-tuned"))
 
 
 def _entry(tmp_path, data_dir, *overrides: str) -> Path:

@@ -5,7 +5,7 @@ import math
 import open_clip
 import torch
 
-from fusion_bench.models.clip import ImageClassifier, create_clip, zero_shot_head
+from fusion_bench.clip.model import ImageClassifier, create_clip, zero_shot_head
 
 
 def test_head_matches_hand_computation():

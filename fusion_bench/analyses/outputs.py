@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fusion_bench.evaluation.accuracy import eval_mode
-from fusion_bench.models.clip import head_logits
+from fusion_bench.models.heads import head_logits
 
 
 @dataclass

@@ -7,7 +7,7 @@ task arithmetic and TIES (coefficients on val over 0.00..1.00, TIES also over 0.
 and the mean cosine between task vectors. Fine-tunes are cached in --cache by recipe, so a rerun only re-merges.
 
     python -m fusion_bench.benchmarks.calibrate --lr 1e-3     # the recipe of conf/model/tiny_clip.yaml, but lr 1e-3
-    python -m fusion_bench.models.tiny_pretrain --world synonyms --steps 2000 --pairs 40000 --threads 1 --out W.safetensors
+    python -m fusion_bench.clip.tiny_pretrain --world synonyms --steps 2000 --pairs 40000 --threads 1 --out W.safetensors
     python -m fusion_bench.benchmarks.calibrate --pretrained W.safetensors --lr 3e-4
 """
 
@@ -27,10 +27,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from fusion_bench.data import tiny_eight
-from fusion_bench.finetune.module import cosine_with_warmup
-from fusion_bench.merging.ties import ties_merging
-from fusion_bench.models.clip import (
+from fusion_bench.clip.model import (
     TINY_CHECKPOINT,
     _QuietRandomInit,
     create_clip,
@@ -38,6 +35,9 @@ from fusion_bench.models.clip import (
     image_norm,
     zero_shot_head,
 )
+from fusion_bench.data import tiny_eight
+from fusion_bench.finetune.schedule import cosine_with_warmup
+from fusion_bench.merging.ties import ties_merging
 from fusion_bench.models.modes import block_weight_names
 from fusion_bench.store import atomic_write
 

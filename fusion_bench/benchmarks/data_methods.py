@@ -58,7 +58,7 @@ def _count(fn) -> float:
 def worker(kind: str, samples: int, threads: int) -> dict:
     import torch
 
-    from fusion_bench.models.clip import ImageClassifier
+    from fusion_bench.clip.model import ImageClassifier
     from fusion_bench.statistics import diagonal_fisher, input_grams
 
     torch.set_num_threads(threads)
@@ -97,7 +97,7 @@ def adamerging_worker(steps: int, threads: int, n_tasks: int = 8) -> dict:
 
     from fusion_bench.benchmarks import merge
     from fusion_bench.merging.adamerging import adamerging
-    from fusion_bench.models.clip import head_logits
+    from fusion_bench.models.heads import head_logits
     from fusion_bench.store import load_safetensors
 
     torch.set_num_threads(threads)

@@ -50,9 +50,9 @@ def worker(arch: str, mode: str, args: argparse.Namespace) -> dict:
     from omegaconf import OmegaConf
     from torch.utils.flop_counter import FlopCounterMode
 
+    from fusion_bench.clip.model import ImageClassifier, create_clip  # registers tiny-clip with open_clip
+    from fusion_bench.clip.train import ClassifierFinetune
     from fusion_bench.evaluation.accuracy import predictions
-    from fusion_bench.finetune.module import ClassifierFinetune
-    from fusion_bench.models.clip import ImageClassifier, create_clip  # registers tiny-clip with open_clip
     from fusion_bench.models.modes import build_mode_model
 
     torch.set_num_threads(args.threads)

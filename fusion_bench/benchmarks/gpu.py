@@ -367,10 +367,10 @@ def _preload(s: Settings) -> dict[str, Any]:
     import lightning  # noqa: F401
     import torch
 
+    import fusion_bench.clip.model
+    import fusion_bench.clip.train
     import fusion_bench.evaluation.accuracy
-    import fusion_bench.finetune.module
     import fusion_bench.merging
-    import fusion_bench.models.clip
     import fusion_bench.models.modes  # noqa: F401
 
     _quiet_lightning()
@@ -423,7 +423,7 @@ def _encoder(slot: str, s: Settings, state: dict):
     if slot not in cache:
         import torch
 
-        from fusion_bench.models.clip import _QuietRandomInit, create_clip
+        from fusion_bench.clip.model import _QuietRandomInit, create_clip
 
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=[]), _QuietRandomInit():
@@ -481,8 +481,8 @@ def run_logits(params: dict, s: Settings, state: dict) -> dict:
 def _logits_of_mode(mode: str, encoder, head, xs: list, device: str) -> dict:
     import torch
 
+    from fusion_bench.clip.model import ImageClassifier
     from fusion_bench.evaluation.accuracy import eval_mode
-    from fusion_bench.models.clip import ImageClassifier
     from fusion_bench.models.modes import build_mode_model
 
     module = build_mode_model(_mode_cfg(mode), encoder).to(device)
@@ -515,10 +515,10 @@ def run_finetune(params: dict, s: Settings, state: dict) -> dict:
     import torch
     from torch.utils.data import Subset, TensorDataset
 
+    from fusion_bench.clip.model import ImageClassifier
+    from fusion_bench.clip.train import ClassifierFinetune
     from fusion_bench.evaluation.accuracy import eval_mode, predictions
-    from fusion_bench.finetune.module import ClassifierFinetune
     from fusion_bench.finetune.sampler import SeededAugmentation, StepBatchSampler, StepDataLoader
-    from fusion_bench.models.clip import ImageClassifier
     from fusion_bench.models.modes import build_mode_model
 
     slot, mode, precision = params["slot"], params["mode"], params["precision"]

@@ -28,7 +28,7 @@ def main() -> None:
     args = ap.parse_args()
     import open_clip
 
-    from fusion_bench.models.clip import head_logits
+    from fusion_bench.models.heads import head_logits
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)

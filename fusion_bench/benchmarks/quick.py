@@ -41,8 +41,8 @@ def finetune_speed(mode: str, steps: int = 40, skip: int = 10) -> float:
     """Seconds per fine-tuning step of tiny_clip on `digits` (steps after the first `skip`)."""
     from lightning.pytorch.callbacks import Callback
 
+    from fusion_bench.clip.train import finetune
     from fusion_bench.families import build_family
-    from fusion_bench.finetune.train import finetune
     from fusion_bench.stages.finetune_workers import one_thread
 
     class Timer(Callback):
@@ -148,9 +148,9 @@ def ties_vit_b32() -> dict:
 def eval_speed() -> dict:
     import torch
 
+    from fusion_bench.clip.model import ImageClassifier
     from fusion_bench.evaluation.accuracy import predictions
     from fusion_bench.families import build_family
-    from fusion_bench.models.clip import ImageClassifier
 
     torch.set_num_threads(2)
     exp = build_family(_cfg())

@@ -1,4 +1,4 @@
-"""Caption worlds the tiny CLIP can be pretrained on (`python -m fusion_bench.models.tiny_pretrain --world NAME`).
+"""Caption worlds the tiny CLIP can be pretrained on (`python -m fusion_bench.clip.tiny_pretrain --world NAME`).
 
 * `shapes` (the committed tiny CLIP): one coloured shape of some size and position, captioned with some of those
   words (`tiny_images.caption_sample`). Of tiny_eight it has seen shapes, colours and positions; digits, textures,

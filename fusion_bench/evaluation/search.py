@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fusion_bench.evaluation.accuracy import predictions
-from fusion_bench.models.clip import head_logits
+from fusion_bench.models.heads import head_logits
 from fusion_bench.models.linearize import LinearizedModel
 
 log = logging.getLogger(__name__)

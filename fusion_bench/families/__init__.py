@@ -15,7 +15,7 @@ from fusion_bench.validation.check import check_options
 log = logging.getLogger(__name__)
 
 FAMILIES = {
-    "clip": "fusion_bench.families.clip:CLIPFamily",
+    "clip": "fusion_bench.clip.family:CLIPFamily",
     "t5": "fusion_bench.t5.family:T5Family",
 }
 

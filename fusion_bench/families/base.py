@@ -1,7 +1,7 @@
 """What every model family shares: the checkpoint store and its keys, the fine-tuning mode around the family's
 network, theta_0 in merge space, and where evaluation runs.
 
-A family (fusion_bench.families.clip, fusion_bench.t5.family) adds what only it knows: how to build its network
+A family (fusion_bench.clip.family, fusion_bench.t5.family) adds what only it knows: how to build its network
 and tasks, accuracy on a task, how to fine-tune, and the forward passes that statistics and coefficient learning
 differentiate. The stages (fusion_bench.stages) take a family and never look inside the model themselves.
 """
@@ -94,6 +94,11 @@ class ModelFamily:
     def imported(self, task: str) -> Path | None:
         """A fine-tune given from outside the store (finetuned_from), if the family supports that."""
         return None
+
+    def import_finetune(self, source: Path, task: str) -> dict[str, torch.Tensor]:
+        """The user's fine-tune of `task` in `source`, read and checked (readable, keys, shapes, finite) as the store
+        keeps it; a family whose `imported` gives files implements it."""
+        raise NotImplementedError(f"{type(self).__name__} imports no fine-tunes (finetuned_from)")
 
     def report_extras(self) -> dict:
         return {}

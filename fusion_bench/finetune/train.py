@@ -1,4 +1,6 @@
-"""Fine-tune one mode model on one task with a Lightning Trainer; resumable from its last checkpoint."""
+"""What every family's fine-tuning shares: a Lightning fit resumable from its last checkpoint (atomic, step-exact),
+the cosine schedule with warmup, and the step reporter of the run's display. CLIP's LightningModule is
+fusion_bench/clip/train.py, T5's fusion_bench/t5/train.py."""
 
 from __future__ import annotations
 
@@ -16,30 +18,11 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressB
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig
-from torch import nn
 
-from fusion_bench.data.tasks import Task
-from fusion_bench.finetune.module import ClassifierFinetune
 from fusion_bench.finetune.progress import Sink, current_sink
-from fusion_bench.models.clip import ImageClassifier
 from fusion_bench.store import atomic_write
 
 log = logging.getLogger(__name__)
-
-
-def finetune(module: nn.Module, head: torch.Tensor, task: Task, train_cfg: DictConfig, trainer_cfg: DictConfig,
-             seed: int, work_dir: Path, callbacks: list[Callback] = (), num_workers: int = 0) -> float:
-    """Train `module` in place on the task's train split; returns seconds per step.
-
-    work_dir keeps logs and `checkpoints/last.ckpt` (every train.checkpoint_every steps); a rerun after an
-    interruption resumes from it and ends with the same weights as an uninterrupted run.
-    """
-    L.seed_everything(seed, workers=True, verbose=False)
-    lm = ClassifierFinetune(ImageClassifier(module, head), task.num_classes, lr=train_cfg.lr,
-                            weight_decay=train_cfg.weight_decay, warmup_steps=train_cfg.warmup_steps,
-                            max_steps=train_cfg.steps, train_set=task.split("train"),
-                            batch_size=train_cfg.batch_size, seed=seed, num_workers=num_workers)
-    return fit_resumable(lm, train_cfg, trainer_cfg, work_dir, callbacks)
 
 
 class StepReporter(Callback):

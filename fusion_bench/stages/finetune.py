@@ -10,7 +10,6 @@ import torch
 from filelock import FileLock
 
 from fusion_bench.families.base import ModelFamily
-from fusion_bench.models.imported import import_encoder
 from fusion_bench.models.offload import parked
 from fusion_bench.reporting.memory import release
 from fusion_bench.store import CheckpointError
@@ -31,7 +30,7 @@ def ensure_finetuned(fam: ModelFamily, task: str) -> Path:
         return path
     src = fam.imported(task)
     # a user's file is read and checked (readable, keys, shapes, finite) before anything of it enters the store
-    imported = None if src is None else import_encoder(src, fam.pretrained_trainable, task)
+    imported = None if src is None else fam.import_finetune(src, task)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path.with_suffix(".lock"))):
         if path.is_file():

@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from fusion_bench.devices import eval_mode
-from fusion_bench.models.clip import WeightsNotFoundError
+from fusion_bench.errors import WeightsNotFoundError
 from fusion_bench.models.linearize import MountedModule
 
 log = logging.getLogger(__name__)

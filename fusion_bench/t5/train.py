@@ -20,8 +20,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fusion_bench.data.glue import Example
-from fusion_bench.finetune.module import cosine_with_warmup
 from fusion_bench.finetune.sampler import StepBatchSampler, StepDataLoader
+from fusion_bench.finetune.schedule import cosine_with_warmup
 from fusion_bench.finetune.train import fit_resumable
 from fusion_bench.t5.model import decoder_inputs
 

@@ -13,14 +13,14 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import default_collate
 
+from fusion_bench.clip.imported import finetuned_source
+from fusion_bench.clip.model import ImageClassifier, head_logits, load_clip, zero_shot_head
 from fusion_bench.data.tasks import Task, known_tasks, load_control, load_task
 from fusion_bench.errors import ConfigError, MissingFileError
 from fusion_bench.evaluation.accuracy import accuracy
 from fusion_bench.evaluation.search import CoefficientGrid, grid_correct
 from fusion_bench.families.base import ANALYSES, ModelFamily, validate_common
 from fusion_bench.models import modes as clip_modes
-from fusion_bench.models.clip import ImageClassifier, head_logits, load_clip, zero_shot_head
-from fusion_bench.models.imported import finetuned_source
 from fusion_bench.reporting.memory import release
 from fusion_bench.statistics import diagonal_fisher, input_grams
 from fusion_bench.store import CheckpointError
@@ -56,8 +56,8 @@ class CLIPFamily(ModelFamily):
 
     @classmethod
     def check_output(cls, cfg: DictConfig, fmt: str, adapters: bool) -> None:
+        from fusion_bench.clip.hf_export import NoTransformersEquivalent, hf_clip_config
         from fusion_bench.export import OutputError
-        from fusion_bench.models.hf_export import NoTransformersEquivalent, hf_clip_config
 
         if adapters:
             raise OutputError("output.adapters=true: peft's LoRA layer for open_clip's nn.MultiheadAttention adds the "
@@ -72,9 +72,9 @@ class CLIPFamily(ModelFamily):
 
     def write_merged(self, merged: dict[str, torch.Tensor], fmt: str, out: Path, linearized: bool = False,
                      adapters: bool = False) -> Path:
-        """The whole CLIP: merged image tower, the pretrained text tower (fusion_bench.export.clip)."""
-        from fusion_bench.export.clip import whole_clip_state, write_open_clip
-        from fusion_bench.models.hf_export import save_hf_clip
+        """The whole CLIP: merged image tower, the pretrained text tower (fusion_bench.clip.export)."""
+        from fusion_bench.clip.export import whole_clip_state, write_open_clip
+        from fusion_bench.clip.hf_export import save_hf_clip
 
         visual = self.plain_model(merged, linearized).state_dict()
         whole = self.__dict__.get("_whole")  # the loaded CLIP until the zero-shot heads exist
@@ -180,6 +180,11 @@ class CLIPFamily(ModelFamily):
     def pop_trained_head(self, task: str) -> torch.Tensor | None:
         return self.__dict__.get("_new_heads", {}).pop(task, None)
 
+    def import_finetune(self, source: Path, task: str) -> dict[str, torch.Tensor]:
+        from fusion_bench.clip.imported import import_encoder  # open_clip / transformers files
+
+        return import_encoder(source, self.pretrained_trainable, task)
+
     def imported(self, task: str) -> Path | None:
         return finetuned_source(self.cfg.get("finetuned_from"), task)
 
@@ -252,7 +257,7 @@ class CLIPFamily(ModelFamily):
         head = self._heads[task]
         if self.train_head:
             head = nn.Parameter(head.clone())
-        from fusion_bench.finetune.train import finetune  # Lightning: only where something trains
+        from fusion_bench.clip.train import finetune  # Lightning: only where something trains
 
         sec = finetune(module, head, self.tasks[task], self.cfg.model.train, self.cfg.trainer,
                        self.cfg.seed, work_dir, num_workers=self.num_workers)

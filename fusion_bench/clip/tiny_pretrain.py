@@ -17,9 +17,9 @@ import torch
 from open_clip.loss import ClipLoss
 from rich.progress import track
 
+from fusion_bench.clip.model import TINY_CHECKPOINT, create_clip, image_norm
 from fusion_bench.data.caption_worlds import world
 from fusion_bench.data.tiny_eight import to_tensor
-from fusion_bench.models.clip import TINY_CHECKPOINT, create_clip, image_norm
 from fusion_bench.store import atomic_save_safetensors
 
 

@@ -1,28 +1,28 @@
-"""LightningModule that fine-tunes an image encoder behind a frozen zero-shot head."""
+"""CLIP's fine-tuning: the LightningModule that trains an image encoder behind a frozen zero-shot head, and
+`finetune`, one task's resumable fit (fusion_bench/finetune/train.py)."""
 
 from __future__ import annotations
 
-import math
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.accelerators import CUDAAccelerator
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassAccuracy
 
+from fusion_bench.clip.model import ImageClassifier
 from fusion_bench.finetune.sampler import SeededAugmentation, StepBatchSampler, StepDataLoader
-from fusion_bench.models.clip import ImageClassifier
+from fusion_bench.finetune.schedule import cosine_with_warmup
 
+if TYPE_CHECKING:
+    from lightning.pytorch.callbacks import Callback
+    from omegaconf import DictConfig
 
-def cosine_with_warmup(warmup_steps: int, max_steps: int):
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
+    from fusion_bench.data.tasks import Task
 
 
 class ClassifierFinetune(L.LightningModule):
@@ -65,3 +65,22 @@ class ClassifierFinetune(L.LightningModule):
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(self.warmup_steps, self.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def finetune(module: nn.Module, head: torch.Tensor, task: Task, train_cfg: DictConfig, trainer_cfg: DictConfig,
+             seed: int, work_dir: Path, callbacks: list[Callback] = (), num_workers: int = 0) -> float:
+    """Train `module` in place on the task's train split; returns seconds per step.
+
+    work_dir keeps logs and `checkpoints/last.ckpt` (every train.checkpoint_every steps); a rerun after an
+    interruption resumes from it and ends with the same weights as an uninterrupted run.
+    """
+    from fusion_bench.finetune.train import (
+        fit_resumable,  # Hydra's instantiate: not needed by the module itself
+    )
+
+    L.seed_everything(seed, workers=True, verbose=False)
+    lm = ClassifierFinetune(ImageClassifier(module, head), task.num_classes, lr=train_cfg.lr,
+                            weight_decay=train_cfg.weight_decay, warmup_steps=train_cfg.warmup_steps,
+                            max_steps=train_cfg.steps, train_set=task.split("train"),
+                            batch_size=train_cfg.batch_size, seed=seed, num_workers=num_workers)
+    return fit_resumable(lm, train_cfg, trainer_cfg, work_dir, callbacks)

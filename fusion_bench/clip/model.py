@@ -10,7 +10,7 @@ Where pretrained weights come from (`resolve_weights`), first match wins:
    state dict (`.pt` / `.bin`, read with `weights_only=True`); or a folder holding one of those.
 2. `paths.cache_dir` (the model YAML's `cache_dir`), in this order:
    a. `<cache_dir>/<arch>-<tag>.safetensors`, e.g. `ViT-B-32-quickgelu-openai.safetensors` (the canonical flat
-      file: `model.download=true` writes it, and `python -m fusion_bench.models.hf_import` can make it);
+      file: `model.download=true` writes it, and `python -m fusion_bench.clip.hf_import` can make it);
    b. open_clip's Hugging Face hub cache layout, as `open_clip.create_model(arch, pretrained=tag,
       cache_dir=cache_dir)` leaves it: `<cache_dir>/models--timm--vit_base_patch32_clip_224.openai/snapshots/
       <revision>/open_clip_model.safetensors` (or `open_clip_pytorch_model.bin`);
@@ -39,7 +39,8 @@ from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import load_file
 from torch import nn
 
-from fusion_bench.errors import ConfigError
+from fusion_bench.errors import ConfigError, WeightsNotFoundError
+from fusion_bench.models.heads import head_logits
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,6 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TINY_CHECKPOINT = ASSETS / "tiny_clip.safetensors"
 open_clip.add_model_config(CONFIG_DIR)
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    pass
 
 
 class WeightsFormatError(ConfigError):
@@ -221,7 +218,7 @@ def _not_found_message(model_cfg, arch, tag, cache_dir, places) -> str:
         "OpenAI's TorchScript .pt, or an open_clip state dict .pt/.bin)\n"
         f"  2. put them under paths.cache_dir={cache_dir}: as {flat.name}, or in open_clip's hub-cache layout "
         "(models--<org>--<repo>/snapshots/<rev>/open_clip_model.safetensors), or as OpenAI's file name "
-        "(e.g. ViT-B-32.pt); convert transformers folders with `python -m fusion_bench.models.hf_import SRC OUT`\n"
+        "(e.g. ViT-B-32.pt); convert transformers folders with `python -m fusion_bench.clip.hf_import SRC OUT`\n"
         f"  3. model.download=true on a machine with internet access (open_clip pretrained='{tag}', saved to "
         f"{flat})"
     )
@@ -284,7 +281,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise WeightsFormatError(
                 f"{path} is not a plain tensor checkpoint ({type(e).__name__}). If it is a whole pickled module "
                 "(e.g. from the task-vectors code), convert it once, only if you trust it: python -m "
-                f"fusion_bench.models.hf_import {path} OUT.safetensors --allow-unsafe-pickle"
+                f"fusion_bench.clip.hf_import {path} OUT.safetensors --allow-unsafe-pickle"
             ) from e
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             obj = obj["state_dict"]
@@ -293,7 +290,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         state = dict(obj)
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
-    from fusion_bench.models.hf_import import hf_to_open_clip, is_hf_clip_state
+    from fusion_bench.clip.hf_import import hf_to_open_clip, is_hf_clip_state
 
     if is_hf_clip_state(state):
         state = hf_to_open_clip(state)
@@ -348,14 +345,6 @@ def zero_shot_head(model: nn.Module, tokenizer, classnames, templates) -> torch.
         emb = model.encode_text(tokens, normalize=True).mean(dim=0)
         rows.append(emb / emb.norm())
     return model.logit_scale.exp() * torch.stack(rows)
-
-
-def head_logits(features: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
-    """head @ normalise(features) in fp32 under any autocast: at CLIP's logit scale (100 x cosine, logits 20-35)
-    neighbouring bf16 values are 0.125-0.25 apart, and argmax ties would go to the lowest class index."""
-    with torch.autocast(features.device.type, enabled=False):
-        f = features.float()
-        return (f / f.norm(dim=-1, keepdim=True)) @ head.float().T
 
 
 class ImageClassifier(nn.Module):

@@ -1,4 +1,4 @@
-"""Export open_clip CLIP weights to Hugging Face transformers: the inverse of fusion_bench.models.hf_import.
+"""Export open_clip CLIP weights to Hugging Face transformers: the inverse of fusion_bench.clip.hf_import.
 
 * `open_clip_to_hf(state)`: open_clip key names -> transformers `CLIPModel` names, the exact inverse of
   `hf_import.hf_to_open_clip` (tested both ways, tensor for tensor): `attn.in_proj_weight` / `in_proj_bias` split
@@ -25,7 +25,7 @@ import open_clip
 import torch
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
-from fusion_bench.models.hf_import import _BLOCK, _TEXT, _VISION
+from fusion_bench.clip.hf_import import _BLOCK, _TEXT, _VISION
 
 _VISION_INV = {v: k for k, v in _VISION.items()}
 _TEXT_INV = {v: k for k, v in _TEXT.items()}

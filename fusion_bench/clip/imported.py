@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from fusion_bench.clip.hf_import import hf_to_open_clip, read_hf_folder
+from fusion_bench.clip.model import WeightsFormatError, read_state_dict
 from fusion_bench.errors import MissingFileError, one_line
-from fusion_bench.models.clip import WeightsFormatError, read_state_dict
-from fusion_bench.models.hf_import import hf_to_open_clip, read_hf_folder
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ Two sources:
   out of the stubs' `_parameters` / `_buffers` (non-persistent buffers left out).
 
 CLI:
-    python -m fusion_bench.models.hf_import HF_FOLDER OUT.safetensors
-    python -m fusion_bench.models.hf_import TASK_VECTORS.pt OUT.safetensors --allow-unsafe-pickle
+    python -m fusion_bench.clip.hf_import HF_FOLDER OUT.safetensors
+    python -m fusion_bench.clip.hf_import TASK_VECTORS.pt OUT.safetensors --allow-unsafe-pickle
 """
 
 from __future__ import annotations
@@ -285,7 +285,7 @@ def import_task_vectors_pickle(src: str | Path, out: str | Path, allow_unsafe_pi
         raise UnsafePickleRefused(
             f"refusing to unpickle {src}: task-vectors checkpoints are whole pickled Python modules, and loading a "
             "pickle can run arbitrary code chosen by whoever wrote the file. If you trust its origin, convert it once "
-            "with allow_unsafe_pickle=True (CLI: python -m fusion_bench.models.hf_import "
+            "with allow_unsafe_pickle=True (CLI: python -m fusion_bench.clip.hf_import "
             f"{src} OUT.safetensors --allow-unsafe-pickle) and use the safetensors file from then on."
         )
     from fusion_bench.store import atomic_save_safetensors
@@ -312,7 +312,7 @@ def import_task_vectors_pickle(src: str | Path, out: str | Path, allow_unsafe_pi
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m fusion_bench.models.hf_import",
+        prog="python -m fusion_bench.clip.hf_import",
         description="Convert a transformers CLIP save_pretrained folder, or a task-vectors torch pickle "
         "(with --allow-unsafe-pickle), to an open_clip-keyed safetensors file.",
     )
