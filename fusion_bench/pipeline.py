@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fusion_bench.errors import ConfigError
 from fusion_bench.export import check_output
 from fusion_bench.families import build_family, family_class
 from fusion_bench.merging.task_specific import TaskSpecificMerge
 from fusion_bench.reporting.memory import log_memory, release
 from fusion_bench.reporting.report import write_report
-from fusion_bench.stages import coefficients, finetune_workers, learn, objective, statistics, task_coefs
+from fusion_bench.stages import finetune_workers, objective, statistics
+from fusion_bench.stages.coefficients import coefficient_cfg, grid, learn, scaling_coef, task_coefs
 from fusion_bench.stages.evaluate import merged_accuracies, reference_accuracies, trainable_params
 from fusion_bench.stages.export import export_merge
 from fusion_bench.stages.finetune import finetuned_state, seconds_per_step
@@ -28,13 +28,6 @@ from fusion_bench.stages.merge import Method
 from fusion_bench.validation.check import check_options
 
 log = logging.getLogger(__name__)
-
-
-def _coef(cfg: DictConfig):
-    coef = cfg.method.get("scaling_coef")
-    if coef is not None and not isinstance(coef, (int, float, str)):
-        coef = [float(c) for c in coef]
-    return coef
 
 
 def normalized(merged: float, finetuned: float, task: str) -> float | None:
@@ -53,15 +46,6 @@ def averages(per_task: dict[str, dict]) -> dict:
     defined = {k: [v[k] for v in per_task.values() if v[k] is not None] for k in cols}
     return {"average": {k: sum(x) / len(x) if x else None for k, x in defined.items()},
             "average_over": {k: len(x) for k, x in defined.items()}}
-
-
-def coefficient_cfg(cfg: DictConfig) -> DictConfig:
-    """How the coefficients are chosen: the method's own `coefficients` block (method=adamerging, lorahub), else
-    the top-level `coefficients` group (coefficients=grid|adamerging|lorahub for any weighted method)."""
-    own, top = cfg.method.get("coefficients"), cfg.get("coefficients") or OmegaConf.create({"strategy": "grid"})
-    if own is not None and top.strategy != "grid" and top.strategy != own.strategy:
-        raise ConfigError(f"method.coefficients.strategy={own.strategy} and coefficients={top.strategy}: give one")
-    return own if own is not None else top
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -103,12 +87,12 @@ def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
 
         return run_analysis(fam, method, cfg.analysis, run_dir, method_name)
     finetuned = [finetuned_state(fam, t) for t in tasks]
-    lin, coef, search, learnt = method.evaluate_linearized, _coef(cfg), None, None
+    lin, coef, search, learnt = method.evaluate_linearized, scaling_coef(cfg), None, None
     method.inputs.update(statistics.task_statistics(fam, method, tasks) or {})
     if method.inputs:
         log_memory("statistics")
     if cfg.method.get("lambdas") == "search":  # TALL masks / Consensus: lambda_t per task on val
-        method.chosen["lambdas"] = coefficients.choose_tall_lambdas(fam, method, finetuned)
+        method.chosen["lambdas"] = grid.choose_tall_lambdas(fam, method, finetuned)
         log.info("TALL lambdas chosen on val: %s", dict(zip(tasks, method.chosen["lambdas"])))
     # stage=merge with a fixed coefficient evaluates nothing; with `search` it picks the coefficient on val
     searching = coef == "search" and coef_cfg.strategy == "grid"
@@ -117,7 +101,7 @@ def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
         merged, learnt = learn.learn(fam, method, coef_cfg, finetuned, tasks, run_dir)
         coef = coef_cfg.strategy
     elif searching:
-        coef, scores = coefficients.search_scaling_coef(fam, method, finetuned, ref)
+        coef, scores = grid.search_scaling_coef(fam, method, finetuned, ref)
         search = {"grid": list(scores), "val_normalized": list(scores.values())}
         release()  # the search's encoder and task vector: glibc keeps freed heap pages otherwise
     if learnt is None:

@@ -81,8 +81,7 @@ def test_search_holds_a_fixed_number_of_encoder_copies(make_cfg, monkeypatch):
 def test_adamerging_holds_each_task_vector_once(make_cfg, monkeypatch, tmp_path):
     """Learning coefficients keeps theta_0, T task vectors, one evaluation encoder and the weights of the step:
     T + 3 copies of the largest weight at every step, not the fine-tunes and their task vectors both."""
-    from fusion_bench.pipeline import coefficient_cfg
-    from fusion_bench.stages import learn
+    from fusion_bench.stages.coefficients import coefficient_cfg, learn
 
     fam, method, fts, _, probe, per_copy = _with_fakes(make_cfg, "method=adamerging", "method.coefficients.steps=2",
                                                        "method.coefficients.batch_size=4")

@@ -249,7 +249,7 @@ def test_merge_benchmark_worker_takes_the_function_from_the_table(tmp_path):
 
 def test_other_method_lists_name_methods_of_the_table():
     from fusion_bench.benchmarks.gpu import MERGES
-    from fusion_bench.stages.task_coefs import PER_TASK_METHODS
+    from fusion_bench.stages.coefficients.task_coefs import PER_TASK_METHODS
 
     for name, (fn_name, _, _) in MERGES.items():
         assert methods()[name].function.__name__ == fn_name, name

@@ -375,7 +375,7 @@ def test_tall_lambda_search_uses_the_methods_ties_agg(monkeypatch, make_cfg):
     """The pipeline picks lambda_t with the masks of the configured tau_MTL (base, ties_k, ties_agg)."""
     from types import SimpleNamespace
 
-    import fusion_bench.stages.coefficients as co
+    import fusion_bench.stages.coefficients.grid as co
 
     seen = []
     monkeypatch.setattr(co, "tall_masks", lambda pre, fts, lambdas, **kw: seen.append(kw) or "merge")

@@ -12,7 +12,7 @@ import yaml
 
 from fusion_bench.merging import task_arithmetic
 from fusion_bench.pipeline import validate_config
-from fusion_bench.stages import task_coefs
+from fusion_bench.stages.coefficients import task_coefs
 from fusion_bench.stages.merge import Method
 
 ROOT = Path(__file__).resolve().parent.parent

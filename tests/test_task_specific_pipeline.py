@@ -13,7 +13,7 @@ from fusion_bench.families import build_family
 from fusion_bench.merging import emr_merging, tall_masks
 from fusion_bench.merging.consensus import tall_mask_lambda_grid
 from fusion_bench.pipeline import run
-from fusion_bench.stages.coefficients import choose_tall_lambdas
+from fusion_bench.stages.coefficients.grid import choose_tall_lambdas
 from fusion_bench.stages.evaluate import merged_accuracies
 from fusion_bench.stages.merge import Method
 

@@ -25,7 +25,7 @@ from fusion_bench.analyses.pair_grid import pair_grid
 from fusion_bench.reporting import plots
 from fusion_bench.reporting.report import fresh_path
 from fusion_bench.reporting.tables import md_table
-from fusion_bench.stages.coefficients import search_scaling_coef
+from fusion_bench.stages.coefficients.grid import search_scaling_coef
 from fusion_bench.stages.evaluate import merged_accuracies, reference_accuracies
 from fusion_bench.stages.finetune import finetuned_state
 

@@ -1,7 +1,7 @@
 """analysis=pairwise: every pair of the pool's tasks merged by the configured method.
 
 For each pair (a, b): the coefficient from val (`analysis.scaling_coef: search`, the pipeline's 21-point search
-over that pair: stages/coefficients.py) or fixed, then the normalized test accuracy of a and of b (merged /
+over that pair: stages/coefficients/grid.py) or fixed, then the normalized test accuracy of a and of b (merged /
 the task's own fine-tune). The scatter of those two numbers per pair is the picture the task-arithmetic papers
 draw of interference; in a multirun over methods the sweep folder gets one plot with a colour per method and each
 method's mean marked (fusion_bench/reporting/pairwise_summary.py, called by the multirun summary).
@@ -20,7 +20,7 @@ from fusion_bench.analyses.common import chosen_tasks, require_plain_method
 from fusion_bench.reporting import plots
 from fusion_bench.reporting.report import fresh_path
 from fusion_bench.reporting.tables import md_table
-from fusion_bench.stages.coefficients import search_scaling_coef
+from fusion_bench.stages.coefficients.grid import search_scaling_coef
 from fusion_bench.stages.evaluate import merged_accuracies, reference_accuracies
 from fusion_bench.stages.finetune import finetuned_state
 

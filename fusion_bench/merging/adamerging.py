@@ -16,7 +16,7 @@ gradient on the closed box, bounds included) and Adam's momentum carries it on, 
 used is the bound).  ``clamp_in_forward=False`` instead projects the raw coefficients back into the box after
 each Adam step, so a coefficient on a bound still sees its gradient and can come back; the two give the same
 iterates until a coefficient first leaves the box.  ``batches_per_task=1`` is FusionBench's single batch.
-The pipeline (stages/learn.py) draws the batches from seeded passes over the split, each sample once per pass,
+The pipeline (stages/coefficients/learn.py) draws the batches from seeded passes over the split, each sample once per pass,
 where the official code reshuffles the whole split at every step.
 The recorded ``entropy`` is the loss divided by ``batches_per_task`` (the sum over tasks of each task's mean
 entropy), comparable across ``batches_per_task``.

@@ -16,7 +16,7 @@ from fusion_bench.evaluation.search import affine_in_coef
 from fusion_bench.export.files import new_file
 from fusion_bench.export.task_specific import write_task_specific
 from fusion_bench.merging.task_specific import TaskSpecificMerge
-from fusion_bench.stages.task_coefs import scaled
+from fusion_bench.stages.coefficients.task_coefs import scaled
 
 
 class Method:
@@ -36,7 +36,7 @@ class Method:
         self.name = name or self.func.__name__
         self.chosen: dict = {}  # hyper-parameters picked on val (TALL lambdas), given to every merge
         self.inputs: dict = {}  # what the stages computed for every merge (per-task statistics)
-        self.task_weights: list[float] | None = None  # method.task_coefs in task order (stages/task_coefs.py)
+        self.task_weights: list[float] | None = None  # method.task_coefs in task order (stages/coefficients/task_coefs.py)
 
     @property
     def evaluate_linearized(self) -> bool:

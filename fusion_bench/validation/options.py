@@ -90,7 +90,7 @@ RUN_OPTIONS: dict[str, Range] = {
 ORDERED_PAIRS = (("analysis.low", "analysis.high", "<"), ("task_coefs_space.low", "task_coefs_space.high", "<="))
 
 # The settings of each coefficient strategy's block (`coefficients=...` or a method's own `coefficients:`; the
-# strategies are in fusion_bench/stages/learn.py)
+# strategies are in fusion_bench/stages/coefficients/learn.py)
 STRATEGY_RANGES: dict[str, dict[str, Range]] = {
     "grid": {},
     "adamerging": {

@@ -1,4 +1,4 @@
-"""The coefficients stage: what a merge's coefficients are, chosen on val before the final merge.
+"""The grid on val: what a merge's coefficients are, chosen on val before the final merge.
 
 - `method.scaling_coef: search`: the 21-point grid 0.00..1.00 on val, by average normalized accuracy (the papers);
 - `method.lambdas: search` (TALL masks, Consensus): lambda_t per task on val.

@@ -1,5 +1,5 @@
 """Coefficient learning (`coefficients=adamerging|lorahub`): the coefficients of a weighted merge learnt from
-data, beside the grid search on val (`coefficients=grid`, the default; fusion_bench/stages/coefficients.py).
+data, beside the grid search on val (`coefficients=grid`, the default; fusion_bench/stages/coefficients/grid.py).
 
 - adamerging (Yang et al., ICLR 2024): per task (`layer_wise: false`) or per task and parameter tensor, by
   minimising the entropy of each task's predictions on unlabelled inputs (the test split's, as the paper does;
