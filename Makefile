@@ -110,6 +110,7 @@ bench-vit-b32:  ## the papers' protocol on ViT-B/32 (needs weights in paths.cach
 	$(PY) run.py $(SWEEP) model=vit_b32 taskpool=eight_tasks trainer=gpu
 
 bench-vit-b32-imported: ## every method on the eight ViT-B/32 fine-tunes you already have (FINETUNED_FROM=/ckpts/clip-vit-base-patch32_{task})
+	@test -n "$(FINETUNED_FROM)" || { echo "make bench-vit-b32-imported: set FINETUNED_FROM, e.g. FINETUNED_FROM=/ckpts/clip-vit-base-patch32_{task}" >&2; exit 2; }
 	$(PY) run.py -m method=$(METHODS) method.scaling_coef=search model=vit_b32 taskpool=eight_tasks trainer=gpu \
 	    "finetuned_from='$(FINETUNED_FROM)'"
 

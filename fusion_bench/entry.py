@@ -5,6 +5,9 @@
 - A user error (fusion_bench.errors.UserError: a bad option, a broken user file, a full disk) ends an ordinary run
   with one line on stderr, `Error: <message>`, and exit status 1; HYDRA_FULL_ERROR=1 re-raises it for Hydra's
   full traceback, as Hydra does for its own errors. Any other exception goes to Hydra unchanged.
+- The console shows the run, not the libraries' chatter: open_clip's INFO lines on the root logger (each model and
+  tokenizer it builds) are kept out of the console (run.log keeps them); Lightning's per-fit notices are silenced
+  where fine-tunes run (fusion_bench/finetune/train.py).
 - In a sweep (-m), a failed job writes `error.json` (its overrides and one-line error) into its folder and re-raises:
   Hydra goes on with the other jobs, the multirun summary lists it (fusion_bench/reporting/summary.py), and Hydra
   reports the error at the end (the message alone for a user error) and exits 1.
@@ -12,6 +15,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -30,8 +34,22 @@ from fusion_bench.store import atomic_write_text
 HYDRA_OWN = (".hydra",)  # what Hydra writes into a run folder before the job starts (and the job's *.log)
 
 
+class OpenClipChatter(logging.Filter):
+    """open_clip logs every model and tokenizer it builds at INFO on the root logger (ten lines a run)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or f"{os.sep}open_clip{os.sep}" not in record.pathname
+
+
+def quiet_console() -> None:
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler and not any(isinstance(f, OpenClipChatter) for f in handler.filters):
+            handler.addFilter(OpenClipChatter())
+
+
 def main(cfg: DictConfig) -> float | None:
     """Returns the trial's average normalized val accuracy under hparams_search=optuna* (the sweeper maximises it)."""
+    quiet_console()
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     sweep = hc.mode == RunMode.MULTIRUN

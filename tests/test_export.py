@@ -6,6 +6,8 @@ Tiny models only (tiny-clip, a 2-layer T5), nothing downloaded."""
 
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import open_clip
@@ -151,7 +153,14 @@ def test_stage_merge_writes_open_clip_and_transformers_clip(make_cfg, tmp_path, 
 
     run(make_cfg(*overrides, "output.format=open_clip"), tmp_path / "oc", "task_arithmetic")
     file = tmp_path / "oc/merged_open_clip.safetensors"
-    assert [p.name for p in (tmp_path / "oc").iterdir()] == [file.name]  # nothing else, no temp files left
+    assert sorted(p.name for p in (tmp_path / "oc").iterdir()) == [file.name, "tiny-clip.json"]  # no temp files
+    # open_clip alone (this package never imported) loads it with the config written beside it
+    alone = ("import sys, open_clip, torch; open_clip.add_model_config(sys.argv[1]); "
+             "m = open_clip.create_model('tiny-clip', pretrained=sys.argv[2]); "
+             "assert not any(k.startswith('fusion_bench') for k in sys.modules); print(sum(p.numel() for p in m.parameters()))")
+    done = subprocess.run([sys.executable, "-c", alone, str(tmp_path / "oc/tiny-clip.json"), str(file)],
+                          check=False, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0 and int(done.stdout) > 0, done.stderr[-2000:]
     loaded = open_clip.create_model("tiny-clip", pretrained=str(file)).eval()  # open_clip's own loader
     with torch.no_grad():
         _close(loaded.encode_image(x), own(x))

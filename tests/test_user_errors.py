@@ -66,6 +66,7 @@ CASES = {
     "model.train.lr=-1": "model.train.lr=-1: must be a finite number > 0",
     "taskpool.tasks=[]": "taskpool.tasks=[]: must be a non-empty list of distinct task names",
     "method=dare method.p=1.0": "method.p=1.0: must be a finite number in [0, 1)",
+    "finetuned_from=''": "finetuned_from='': empty; give a path with {task}",  # an unset FINETUNED_FROM (issue 35)
 }
 
 
@@ -273,3 +274,9 @@ def test_a_read_only_folder_is_no_full_disk(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="Read-only") as refused:
         atomic_write(tmp_path / "x.safetensors", read_only)
     assert not isinstance(refused.value, DiskFullError)
+
+
+def test_the_imported_benchmark_without_finetuned_from_says_to_set_it():
+    done = subprocess.run(["make", "-s", "bench-vit-b32-imported", "FINETUNED_FROM="], check=False, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "set FINETUNED_FROM, e.g. FINETUNED_FROM=/ckpts/" in done.stderr

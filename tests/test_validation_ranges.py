@@ -69,7 +69,7 @@ def test_every_group_option_composes_and_validates(group, option):
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
 def test_every_experiment_validates(name):
-    validate_config(_compose(f"+experiment={name}"))
+    validate_config(_compose(f"experiment={name}"))
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "hparams_search").glob("*.yaml")))

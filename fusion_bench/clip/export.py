@@ -4,15 +4,22 @@ Both hold the merged image tower and, from the pretrained model, the text tower,
 `logit_scale`, so the zero-shot heads of any class names can be rebuilt from them. The open_clip file is what
 `open_clip.create_model(arch, pretrained=FILE)` loads: open_clip 3.x picks `safetensors.torch.load_file` for a
 `.safetensors` suffix (else `torch.load(weights_only=True)`) and loads strictly, every key of the model present.
+An architecture that open_clip does not know by itself (the tiny CLIP: fusion_bench/clip/configs/) gets its model
+config written beside the file, so that it loads without this package:
+
+    open_clip.add_model_config("merged_open_clip/tiny-clip.json")   # or the run dir's tiny-clip.json
+    model = open_clip.create_model("tiny-clip", pretrained="merged_open_clip.safetensors")
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from fusion_bench.clip.model import CONFIG_DIR  # the architectures this project adds to open_clip
 from fusion_bench.export.files import new_file
 
 
@@ -36,4 +43,10 @@ def write_open_clip(state: dict[str, torch.Tensor], arch: str, out: str | Path) 
     tensors = {k: v.detach().contiguous() for k, v in state.items()}
     meta = {"format": "pt", "keys": "open_clip", "arch": arch,
             "load": f"open_clip.create_model({arch!r}, pretrained=FILE)"}
+    own = CONFIG_DIR / f"{arch}.json"  # an architecture of this project: its config travels with the weights
+    if own.is_file():
+        meta["load"] = f"open_clip.add_model_config({arch + '.json'!r}); " + meta["load"]
+        config = out.parent / own.name
+        if not config.exists():  # per-task files share one folder, and one config
+            new_file(config, lambda tmp: shutil.copyfile(own, tmp))
     return new_file(out, lambda tmp: save_file(tensors, tmp, metadata=meta))

@@ -39,7 +39,11 @@ class CLIPFamily(ModelFamily):
     def validate(cls, cfg: DictConfig) -> None:
         validate_common(cfg, known_tasks(cfg.taskpool), cls.analyses)
         spec, tasks = cfg.get("finetuned_from"), list(cfg.taskpool.tasks)
-        if not spec:
+        if spec is not None and not spec:  # '' (an unset shell variable) must not silently fine-tune everything
+            raise ConfigError(f"finetuned_from={spec!r}: empty; give a path with {{task}} (e.g. "
+                              f"/ckpts/clip-vit-base-patch32_{{task}}) or a task -> path mapping, or leave it null "
+                              f"to fine-tune here")
+        if spec is None:
             return
         if cfg.finetune.get("train_head"):
             raise ConfigError("finetuned_from imports fine-tuned encoders without their heads: finetune.train_head=true "
