@@ -94,9 +94,14 @@ def build_checkpoints(arch: str, cache: Path, n_tasks: int, sigma: float) -> Non
         and json.loads(stamp.read_text()) == params
         and all(p.exists() for p in [pre_path, *ft_paths])
     ):
+        size = sum(p.stat().st_size for p in [pre_path, *ft_paths]) / 2**30
+        print(f"inputs: {n_tasks} + 1 checkpoints of {ARCHS[arch]} cached in {cache} ({size:.1f} GiB on disk, kept "
+              f"for the next run; delete the folder to free it)", file=sys.stderr)
         return
     cache.mkdir(parents=True, exist_ok=True)
-    print(f"building {n_tasks} + 1 checkpoints of {ARCHS[arch]} in {cache} ...", file=sys.stderr)
+    per_model = {"vit_b32": 0.35, "vit_l14": 1.2}.get(arch)  # fp32 image towers, GiB
+    about = f" (about {per_model * (n_tasks + 1):.1f} GiB, kept for the next run)" if per_model else ""
+    print(f"building {n_tasks} + 1 checkpoints of {ARCHS[arch]} in {cache}{about} ...", file=sys.stderr)
     torch.manual_seed(0)
     model = open_clip.create_model(ARCHS[arch], pretrained=None).visual
     pre = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
