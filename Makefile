@@ -1,6 +1,6 @@
 PY ?= python
 
-.PHONY: setup data test test-fast run tiny-pretrain paper-tiny bench-quick bench-merge bench-finetune bench-calibrate bench-tiny bench-tiny-2024 bench-tiny-data bench-data bench-memory bench-vit-b32 bench-vit-b32-imported bench-vit-l14 bench-flan-t5 lint \
+.PHONY: setup data test test-fast run tiny-pretrain paper-tiny bench-quick bench-merge bench-finetune bench-calibrate bench-tiny bench-tiny-t5 bench-tiny-2024 bench-tiny-data bench-data bench-memory bench-vit-b32 bench-vit-b32-imported bench-vit-l14 bench-flan-t5 lint \
 	gpu-wheels gpu-check
 
 setup:          ## install fusion_bench and everything it needs (torch 2.14.1 CPU/CUDA wheel from the pin)
@@ -23,6 +23,10 @@ run:            ## the default offline experiment
 
 tiny-pretrain:  ## re-create fusion_bench/assets/tiny_clip.safetensors (deterministic)
 	$(PY) -m fusion_bench.clip.tiny_pretrain
+
+.PHONY: tiny-t5-pretrain
+tiny-t5-pretrain: ## re-create fusion_bench/assets/tiny_t5.safetensors + tiny_t5.json (deterministic, ~2.5 min on one core)
+	$(PY) -m fusion_bench.t5.tiny_pretrain
 
 bench-quick:    ## the headline figures in < 2 min: s/step, cached rerun, search cost, TIES ViT-B/32, eval images/s
 	$(PY) -m fusion_bench.benchmarks.quick
@@ -63,6 +67,30 @@ MODES_DATA ?= standard,attention
 bench-tiny-data: ## RegMean, Fisher merging, AdaMerging (++) on tiny_eight; LoraHub on the l_lora and lora fine-tunes
 	$(PY) run.py -m finetune=$(MODES_DATA) method=$(METHODS_DATA)
 	$(PY) run.py -m finetune=l_lora,lora ++finetune.task_vector=adapters method=lorahub
+
+# ---- the partial-linearization paper's table on tiny_glue (docs/tiny-t5.md), then one report. L-LoRA is evaluated
+# through its linearized model, as in the paper; RegMean and Fisher need a plain model (not l_lora), WUDI's official
+# key set has no LoRA adapter (keys=all_2d there).
+T5_DIR ?= outputs/bench_tiny_t5/$(PAPER_STAMP)
+T5_ARGS ?=      # overrides for every run, e.g. "paths.root=/tmp/store" or a smoke test "model.train.steps=4"
+T5 = $(PY) run.py -m model=tiny_t5 taskpool=tiny_glue $(T5_ARGS)
+METHODS_T5 ?= task_arithmetic,ties,dare_ties
+METHODS_T5_DEFAULTS ?= weight_average,tsv_merging,iso_cts
+L_LORA = finetune=l_lora finetune.evaluate=linearized
+
+bench-tiny-t5:  ## the tiny T5 on tiny_glue: full / LoRA / L-LoRA fine-tunes x WA, TA, TIES, ..., LoraHub; cosine -> t5_report.md (CPU)
+	$(T5) finetune=standard,lora method=$(METHODS_T5) method.scaling_coef=search hydra.sweep.dir=$(T5_DIR)/search
+	$(T5) $(L_LORA) method=$(METHODS_T5) method.scaling_coef=search hydra.sweep.dir=$(T5_DIR)/search_l_lora
+	$(T5) finetune=standard,lora method=$(METHODS_T5_DEFAULTS),wudi,regmean hydra.sweep.dir=$(T5_DIR)/defaults
+	$(T5) finetune=standard,lora method=fisher_merging method.statistics.target=label hydra.sweep.dir=$(T5_DIR)/fisher
+	$(T5) $(L_LORA) method=$(METHODS_T5_DEFAULTS) hydra.sweep.dir=$(T5_DIR)/defaults_l_lora
+	$(T5) $(L_LORA) method=wudi method.keys=all_2d hydra.sweep.dir=$(T5_DIR)/wudi_l_lora
+	$(T5) finetune=lora ++finetune.task_vector=adapters method=lorahub hydra.sweep.dir=$(T5_DIR)/lorahub
+	$(T5) $(L_LORA) method=lorahub hydra.sweep.dir=$(T5_DIR)/lorahub_l_lora
+	$(T5) stage=analyze analysis=cosine finetune=standard hydra.sweep.dir=$(T5_DIR)/cosine
+	$(T5) stage=analyze analysis=cosine finetune=lora,l_lora ++finetune.task_vector=adapters \
+	    hydra.sweep.dir=$(T5_DIR)/cosine_adapters
+	$(PY) -m fusion_bench.reporting.t5_report $(T5_DIR)
 
 # ---- every experiment of the seed papers on tiny_eight, then one report (README "The seed papers' experiments")
 PAPER_STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)

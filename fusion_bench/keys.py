@@ -36,8 +36,9 @@ HOW_NOT_WHAT = {
               "hf_id"),
     "taskpool": ("tasks", "num_workers", "cache_eval", "control"),  # control: evaluated only (task negation)
     # how many fine-tunes run at once: each runs on one thread, the same bytes alone or beside others
-    # (fusion_bench/stages/finetune_workers.py)
-    "finetune": ("workers",),
+    # (fusion_bench/stages/finetune_workers.py); evaluate: how a fine-tune is evaluated (its cached accuracies
+    # carry it in their own key, stages/evaluate.py eval_key)
+    "finetune": ("workers", "evaluate"),
 }
 #: finetune.* options added after fine-tunes were stored: while off they are left out of every key, so stores and
 #: cached accuracies made before the option existed stay valid (on, they count like any other option)

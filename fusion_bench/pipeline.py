@@ -72,7 +72,8 @@ def run(cfg: DictConfig, run_dir: Path, method_name: str) -> dict | None:
     t0 = time.perf_counter()
     method = coef_cfg = None
     if cfg.stage != "finetune":  # the method's errors, and what it needs that the task pool lacks, before training
-        method, coef_cfg = Method(cfg.method, fam.mode, method_name), coefficient_cfg(cfg)
+        method = Method(cfg.method, fam.mode, method_name, linearized=fam.mode_cfg.get("evaluate") == "linearized")
+        coef_cfg = coefficient_cfg(cfg)
         method.task_weights = task_coefs.task_weights(cfg.method, tasks)
         if cfg.stage != "analyze":
             statistics.check(fam, method, tasks)

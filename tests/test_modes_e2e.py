@@ -65,6 +65,13 @@ def test_l_lora_end_to_end_then_partial_linearization(make_cfg, tmp_path, monkey
     assert all(pl["tasks"][t]["zeroshot"] == ta["tasks"][t]["zeroshot"] for t in ("colors", "position"))
     assert len(list(tmp_path.rglob("*.eval-*.json"))) == 4  # linearized references are cached apart
 
+    # finetune.evaluate=linearized: any method evaluated through the linearized adapters; task arithmetic so
+    # evaluated is partial linearization, number for number, from the same fine-tunes and cached references
+    lin = run(make_cfg("finetune=l_lora", "finetune.evaluate=linearized", *FAST, "method=task_arithmetic",
+                       f"method.scaling_coef={pl['scaling_coef']}"), tmp_path / "lin", "task_arithmetic")
+    assert lin["tasks"] == pl["tasks"]
+    assert len(list(tmp_path.rglob("*.eval-*.json"))) == 4
+
 
 @pytest.mark.slow
 def test_posthoc_linearization_reuses_standard_finetunes(make_cfg, tmp_path, monkeypatch):

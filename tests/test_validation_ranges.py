@@ -28,6 +28,7 @@ NEEDS = {
     ("model", "flan_t5_large"): ["taskpool=glue"],
     ("model", "tiny_t5"): ["taskpool=glue"],
     ("taskpool", "glue"): ["model=tiny_t5"],
+    ("taskpool", "tiny_glue"): ["model=tiny_t5"],
     ("method", "partial_linearization"): ["finetune=l_lora"],
     ("method", "lorahub"): ["finetune=l_lora"],
     ("coefficients", "lorahub"): ["finetune=l_lora"],

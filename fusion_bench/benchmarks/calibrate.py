@@ -25,6 +25,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from rich.progress import Progress
 from safetensors.torch import load_file
 
 from fusion_bench.clip.model import (
@@ -70,7 +71,7 @@ class Probe:
                    .item() for i in range(0, len(y), 500))
         return 100.0 * hits / len(y)
 
-    def finetune(self, task: str, a) -> dict:
+    def finetune(self, task: str, a, progress: Progress | None = None) -> dict:
         enc = self.encoder
         enc.load_state_dict(self.theta0)
         # finetune=attention: the blocks' attention in/out projection weights, as models/modes.py picks them
@@ -82,6 +83,7 @@ class Probe:
         gen = torch.Generator().manual_seed(a.seed * 1000 + self.tasks.index(task))
         perm, pos = torch.randperm(len(y), generator=gen), 0
         enc.train()
+        bar = progress.add_task(f"fine-tune {task}", total=a.steps) if progress else None
         for _ in range(a.steps):
             if pos + a.batch_size > len(y):
                 perm, pos = torch.randperm(len(y), generator=gen), 0
@@ -92,6 +94,8 @@ class Probe:
             loss.backward()
             opt.step()
             sched.step()
+            if bar is not None:
+                progress.advance(bar)
         enc.eval()
         return {k: v.detach().clone() for k, v in enc.state_dict().items()}
 
@@ -117,18 +121,22 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     tasks = list(tiny_eight.TASKS)
+    print(f"calibration probe ({a.mode}, lr {a.lr:g}, {a.steps} steps): building the tiny_eight tasks ...", flush=True)
     probe = Probe(a.pretrained, tasks)
     recipe = {k: str(v) for k, v in vars(a).items() if k not in ("json", "threads", "cache")}
     recipe["pretrained_bytes"] = hashlib.md5(a.pretrained.read_bytes()).hexdigest()
     cache = a.cache / f"finetunes-{hashlib.md5(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]}.pt"
     t0 = time.perf_counter()
     if cache.is_file():
+        print(f"fine-tunes of this recipe: {cache}", flush=True)
         fts = torch.load(cache, weights_only=True)
     else:
-        fts = [probe.finetune(t, a) for t in tasks]
+        with Progress(transient=True) as progress:
+            fts = [probe.finetune(t, a, progress) for t in tasks]
         atomic_write(cache, lambda tmp: torch.save(fts, tmp))
     seconds = time.perf_counter() - t0
     theta0 = probe.theta0
+    print("evaluating zero-shot, individual and the merges on val (coefficients) and test ...", flush=True)
     ind = {s: {t: probe.acc(fts[i], t, s) for i, t in enumerate(tasks)} for s in ("val", "test")}
 
     def evaluate(state, split):

@@ -162,7 +162,11 @@ def main() -> None:
         print(json.dumps(worker(a.worker, a.samples, a.threads)))
         return
     common = ["--samples", str(a.samples), "--steps", str(a.steps), "--threads", str(a.threads)]
-    rows = [run_one(["--worker", k, *common]) for k in ("gram", "fisher", "adamerging")]
+    rows = []
+    for k in ("gram", "fisher", "adamerging"):  # each in a fresh process (its own peak RSS)
+        print(f"{k}: building a random ViT-B/32 and 224 px images, then timing {a.samples} samples"
+              if k != "adamerging" else f"adamerging: timing {a.steps} layer-wise steps over eight tasks", flush=True)
+        rows.append(run_one(["--worker", k, *common]))
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(rows, indent=1))
     print("| statistic (ViT-B/32, 224 px) | CPU s/sample | peak RSS (GiB) | GFLOP/sample | GPU estimate, 256 samples |")

@@ -27,7 +27,9 @@ A Hugging Face copy is read instead when present (needs ``pip install 'fusion_be
 Hub's columns (``sentence1``, ``premise``, ... and the integer ``label``; STS-B's float ``label``).
 
 Metrics: exact match of the generated text against the target (both stripped and lower-cased); for STS-B the
-Spearman correlation between the number parsed from the generated text and the gold score. Text that holds no
+Spearman correlation between the number parsed from the generated text and the gold score. `f1` and `matthews`
+(GLUE's MRPC / QQP and CoLA metrics, which taskpool=tiny_glue uses) count a generation as positive only when it is
+the positive label word. Text that holds no
 number counts as ``STSB_FALLBACK`` = 0.0 (the bottom of the 0-5 scale); a constant prediction (undefined
 correlation) scores 0.0.
 """
@@ -207,6 +209,7 @@ def read_split(task: str, data_root: str | Path, split: str) -> list[Example]:
 class GlueTask:
     name: str
     splits: dict[str, list[Example]]
+    metric: str | None = None  # one of METRICS; None: `default_metric` (exact match, Spearman for STS-B)
 
     @property
     def regression(self) -> bool:
@@ -215,8 +218,12 @@ class GlueTask:
     def split(self, split: str) -> list[Example]:
         return self.splits[split]
 
+    @property
+    def metric_name(self) -> str:
+        return self.metric or default_metric(self.name)
+
     def score(self, predictions: list[str], split: str) -> float:
-        return score(self.name, predictions, self.splits[split])
+        return score(self.name, predictions, self.splits[split], self.metric)
 
 
 def carve_val(n: int, fraction: float, max_val: int, seed: int) -> tuple[list[int], list[int]]:
@@ -282,7 +289,57 @@ def spearman(predictions: list[float], gold: list[float]) -> float:
     return float((rp * rg).sum()) / denom if denom > 0 else 0.0
 
 
-def score(task: str, predictions: list[str], examples: list[Example]) -> float:
-    if TASKS[task].targets is None:
+def positive_target(task: str) -> str:
+    """The target text of a binary task's positive class (label 1: acceptable, equivalent, duplicate, ...)."""
+    targets = TASKS[task].targets
+    if targets is None or set(targets) != set(_BINARY):
+        raise ValueError(f"GLUE {task} has no 0/1 labels: F1 and Matthews correlation need a binary task")
+    return targets["1"]
+
+
+def _positives(task: str, predictions: list[str], examples: list[Example]) -> tuple[list[bool], list[bool]]:
+    """(predicted positive, gold positive): a generation is positive only when it is the positive label word."""
+    if len(predictions) != len(examples) or not examples:
+        raise ValueError(f"{len(predictions)} predictions for {len(examples)} targets")
+    pos = normalize_text(positive_target(task))
+    return [normalize_text(p) == pos for p in predictions], [normalize_text(e.target) == pos for e in examples]
+
+
+def f1(task: str, predictions: list[str], examples: list[Example]) -> float:
+    """F1 of the positive class (GLUE's MRPC / QQP metric); 0.0 with no true positive."""
+    pred, gold = _positives(task, predictions, examples)
+    tp = sum(p and g for p, g in zip(pred, gold))
+    return 2 * tp / (sum(pred) + sum(gold)) if tp else 0.0
+
+
+def matthews(task: str, predictions: list[str], examples: list[Example]) -> float:
+    """Matthews correlation of positive vs the rest (GLUE's CoLA metric); 0.0 where it is undefined."""
+    pred, gold = _positives(task, predictions, examples)
+    tp = sum(p and g for p, g in zip(pred, gold))
+    tn = sum(not p and not g for p, g in zip(pred, gold))
+    fp, fn = sum(pred) - tp, sum(gold) - tp
+    denom = math.sqrt(float((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
+    return (tp * tn - fp * fn) / denom if denom > 0 else 0.0
+
+
+METRICS = ("exact_match", "spearman", "f1", "matthews")
+
+
+def default_metric(task: str) -> str:
+    """What taskpool=glue scores: exact match of the label word, Spearman for STS-B."""
+    return "spearman" if TASKS[task].targets is None else "exact_match"
+
+
+def score(task: str, predictions: list[str], examples: list[Example], metric: str | None = None) -> float:
+    metric = metric or default_metric(task)
+    if metric == "spearman":
+        if TASKS[task].targets is not None:
+            raise ValueError(f"GLUE {task} has label words: Spearman needs a score (STS-B)")
         return spearman([parse_score(p) for p in predictions], [e.score for e in examples])
-    return exact_match(predictions, [e.target for e in examples])
+    if metric == "exact_match":
+        return exact_match(predictions, [e.target for e in examples])
+    if metric == "f1":
+        return f1(task, predictions, examples)
+    if metric == "matthews":
+        return matthews(task, predictions, examples)
+    raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")

@@ -206,6 +206,9 @@ def lorahub(
         with _cma_default_seed(int(seed) + 1), warnings.catch_warnings():
             # nevergrad 1.0.12's MetaModel: float() of a 1-element array
             warnings.filterwarnings("ignore", "Conversion of an array with ndim > 0", DeprecationWarning)
+            # nevergrad's COBYLA (scipy >= 1.16) asks for a final trust radius above the initial one; scipy clamps
+            # it and says so on every run
+            warnings.filterwarnings("ignore", "COBYLA: Invalid RHOEND", UserWarning)
             best = _search(opt, adapters, origin, loss_fn, budget, bound, l1, progress, history)
     finally:
         np.random.set_state(outer)

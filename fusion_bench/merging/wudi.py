@@ -53,7 +53,23 @@ Wide keys with few tasks: when ``2 T rows < cols``, ``m A = (m S^T) S`` with
 ``S = [tau_1 / ||tau_1||; ...; tau_T / ||tau_T||]`` (``T rows x cols``) is cheaper than the
 ``cols x cols`` product (the same product re-associated).  There is no exact *transposed* form:
 the loss multiplies by ``tau_t^T`` on the right only, and Adam's elementwise steps forbid a change
-of basis.  (The exact minimiser ``B A^{-1}`` exists, but the paper does not use it.)
+of basis.
+
+The exact minimiser (``solver="exact"``)
+----------------------------------------
+``L`` is a convex quadratic in ``m`` and its gradient ``2 (m A - B)`` vanishes at ``m* = B A^+``: one
+``cols x cols`` solve per key instead of 300 Adam steps (the paper's default, ``solver="adam"``, stays the
+default: it is what produced the paper's tables).  ``A`` is positive semi-definite; a Cholesky factorisation
+(float64) solves it when it is well conditioned (its pivots within ``CHOLESKY_MIN_PIVOT`` of the largest); otherwise
+(a rank-deficient ``A``: fewer task-vector rows than columns, LoRA updates) the eigendecomposition gives the
+pseudo-inverse, every eigenvalue above ``cols * eps * lambda_max`` kept (numerical rank, as numpy's matrix_rank):
+the minimiser of least norm, whose rows lie in the span of the task vectors' rows, like ``m_0`` and ``B``.  No
+ridge is added: a ridge would shrink real small directions (DESIGN.md "Facts that bite": ill-conditioned is not
+null).  Wide keys (``2 T rows < cols``) solve in the small space instead: ``B = W S`` with
+``W = [tau_t tau_t^T / ||tau_t||]_t``, so ``m* = W (S S^T)^+ S`` (a ``T rows x T rows`` system).
+With Adam's lr 1e-5 (an absolute step) and 300 steps, ``m`` moves at most ``300 * 1e-5`` per entry from
+``m_0 = sum_t tau_t``: where task vectors are large the Adam result stays near ``m_0`` while ``m*`` does not; the
+log line gives the loss reached and the movement either way.
 
 The loss before and after and ``||m - m_0|| / ||m_0||`` (over all optimised keys) are logged (INFO).
 """
@@ -84,6 +100,10 @@ BLOCK_ELEMS = 1 << 20
 
 #: what ``keys`` may be (module doc)
 KEY_SETS = ("official", "all_2d")
+#: what ``solver`` may be: the paper's Adam, or the exact minimiser ``B A^+`` (module doc)
+SOLVERS = ("adam", "exact")
+#: the exact solver's Cholesky path is used only when every pivot^2 is above this fraction of the largest
+CHOLESKY_MIN_PIVOT = 1e-10
 #: ``keys="official"`` for open_clip: the substrings the official ViT code selects keys by (``vit/wudi_main.py``)
 OFFICIAL_CLIP_NAMES = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 #: ``keys="official"`` for T5 (Hugging Face names): the linear maps of every encoder and decoder block
@@ -117,8 +137,10 @@ def wudi_optimise(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     block_elems: int | None = None,
+    solver: str = "adam",
 ) -> tuple[Tensor, WUDIStats]:
-    """WUDI's Adam on one 2-D key (module doc); works in the dtype of ``taus`` (fp32 or fp64)."""
+    """WUDI on one 2-D key (module doc): the paper's Adam, or with ``solver="exact"`` the minimiser ``B A^+``
+    (computed in float64); returns ``m`` in the dtype of ``taus`` (fp32 or fp64)."""
     taus = list(taus)
     rows, cols = taus[0].shape
     wd = taus[0].dtype
@@ -152,11 +174,18 @@ def wudi_optimise(
             B64.add_((x @ x.T) @ x if rows < cols else x @ G, alpha=1.0 / n)
             del G
     loss0 = _quadratic(A64, S64, B64, C, m064)
-    m = m064.to(wd)
-    A = None if A64 is None else A64.to(wd)
-    S = None if S64 is None else S64.to(wd)
-    B = B64.to(wd)
-    _adam_rows(m, A, S, B, lr, iterations, betas, eps, block_elems or BLOCK_ELEMS)
+    if solver == "exact":
+        if S64 is not None:  # m* = W (S S^T)^+ S, W = [tau_t tau_t^T / ||tau_t||]_t
+            W = torch.cat([(t.to(f64) @ t.to(f64).T) / math.sqrt(n) for t, n in active], 1) if active \
+                else torch.zeros(rows, 1, dtype=f64)
+            m = (_right_solve_psd(S64 @ S64.T, W) @ S64).to(wd)
+        else:
+            m = _right_solve_psd(A64, B64).to(wd)
+    else:
+        m = m064.to(wd, copy=True)  # m064 stays m_0 (the statistics below)
+        A = None if A64 is None else A64.to(wd)
+        S = None if S64 is None else S64.to(wd)
+        _adam_rows(m, A, S, B64.to(wd), lr, iterations, betas, eps, block_elems or BLOCK_ELEMS)
     stats = WUDIStats(
         loss0,
         _quadratic(A64, S64, B64, C, m),
@@ -164,6 +193,23 @@ def wudi_optimise(
         float(((m.to(f64) - m064) ** 2).sum()),
     )
     return m, stats
+
+
+def _right_solve_psd(M: Tensor, R: Tensor) -> Tensor:
+    """``R M^+`` for a symmetric positive semi-definite float64 ``M`` (module doc: Cholesky when well conditioned,
+    else the eigendecomposition's pseudo-inverse at numerical rank)."""
+    L, info = torch.linalg.cholesky_ex(M)
+    if int(info) == 0:
+        d = torch.diagonal(L) ** 2
+        if float(d.min()) > CHOLESKY_MIN_PIVOT * float(d.max()):
+            return torch.cholesky_solve(R.T, L).T
+    lam, Q = torch.linalg.eigh(M)
+    top = float(lam[-1]) if lam.numel() else 0.0
+    keep = lam > M.shape[0] * torch.finfo(M.dtype).eps * top
+    if not bool(keep.any()):
+        return R.new_zeros(R.shape[0], M.shape[0])
+    Qk = Q[:, keep]
+    return ((R @ Qk) / lam[keep]) @ Qk.T
 
 
 def _adam_rows(
@@ -275,17 +321,22 @@ def wudi_merging(
     betas: Sequence[float] = (0.9, 0.999),
     eps: float = 1e-8,
     keys: str = "official",
+    solver: str = "adam",
 ) -> dict[str, Tensor]:
     """WUDI (module doc): per optimised 2-D key, Adam on ``sum_t ||(m - tau_t) tau_t^T||^2 / ||tau_t||^2``
     from ``m = sum_t tau_t``; ``theta_0 + scaling_coef * m``.
 
     ``keys="official"``: the transformer blocks' linear maps are optimised, every other key stays at
     ``theta_0`` (the official code); ``keys="all_2d"``: every 2-D key, the other float keys
-    ``theta_0 + scaling_coef * mean_t tau_t``.
+    ``theta_0 + scaling_coef * mean_t tau_t``.  ``solver="exact"``: the minimiser ``B A^+`` instead of Adam
+    (``lr``, ``iterations``, ``betas``, ``eps`` then unused).
     """
     inp = prepare(pretrained, finetuned, "wudi_merging")
     alpha = scalar_coef(scaling_coef, "wudi_merging")
     lr, iterations, betas_, eps = _check_args(lr, iterations, betas, eps)
+    if solver not in SOLVERS:
+        raise ValueError(f"wudi_merging: solver={solver!r} must be one of {SOLVERS} (adam: the paper's 300 Adam "
+                         f"steps; exact: the loss's minimiser B A^+)")
     optimised = set(wudi_keys(inp, keys))
     stats: list[WUDIStats] = []
     out: dict[str, Tensor] = {}
@@ -296,7 +347,7 @@ def wudi_merging(
         pre32 = inp.pretrained[key].to(torch.float32)
         taus = [torch.sub(ft[key], pre32).to(torch.float32) for ft in inp.finetuned]
         if key in optimised:
-            upd, st = wudi_optimise(taus, lr, iterations, betas_, eps)
+            upd, st = wudi_optimise(taus, lr, iterations, betas_, eps, solver=solver)
             log.debug("wudi_merging: %s loss %.6g -> %.6g", key, st.loss_before, st.loss_after)
             stats.append(st)
         else:  # keys="all_2d": the mean of the task vectors
@@ -319,10 +370,8 @@ def wudi_merging(
         start = sum(s.sq_norm_start for s in stats)
         moved = sum(s.sq_norm_moved for s in stats)
         log.info(
-            "wudi_merging: Adam lr=%g, %d iterations on %d 2-D keys: loss %.6g -> %.6g, "
-            "||m - m_0|| / ||m_0|| = %.4g",
-            lr,
-            iterations,
+            "wudi_merging: %s on %d 2-D keys: loss %.6g -> %.6g, ||m - m_0|| / ||m_0|| = %.4g",
+            f"Adam lr={lr:g}, {iterations} iterations" if solver == "adam" else "exact minimiser B A^+",
             len(stats),
             before,
             after,
@@ -338,4 +387,5 @@ wudi_merging.ranges = {
     "betas": ListOf(fraction(high_open=True), length=2),
     "eps": non_negative(),
     "keys": choice(*KEY_SETS),
+    "solver": choice(*SOLVERS),
 }

@@ -18,6 +18,7 @@ restored afterwards); the result is checked against finite differences in tests/
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -110,7 +111,9 @@ class LinearizedModel(MountedModule):
         out + c * dout for every c (the coefficient search evaluates a whole grid from this one pass)."""
         theta0, theta = self.theta0(), self.theta()
         tangent = {n: theta[n] - theta0[n] for n in self.linearized_names}
-        with linearizable_attention():
+        with linearizable_attention(), warnings.catch_warnings():
+            # torch's forward-mode AD scripts its decompositions on first use: torch's own deprecation notice
+            warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
             return jvp(lambda p: self.function(p, *args, **kwargs), (theta0,), (tangent,))
 
     def forward(self, *args, **kwargs):

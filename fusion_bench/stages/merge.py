@@ -25,8 +25,11 @@ class Method:
 
     PIPELINE_KEYS = ("statistics", "coefficients", "task_coefs")  # read by the stages, not passed to the function
 
-    def __init__(self, method_cfg: DictConfig, mode: str, name: str | None = None):
+    def __init__(self, method_cfg: DictConfig, mode: str, name: str | None = None, linearized: bool = False):
+        """`linearized`: evaluate every merge through the linearized model (finetune.evaluate=linearized, l_lora);
+        method=partial_linearization always does."""
         self.cfg = method_cfg
+        self._linearized = linearized
         self.fn = instantiate({k: v for k, v in method_cfg.items() if k not in self.PIPELINE_KEYS})
         self.func = getattr(self.fn, "func", self.fn)
         needs = getattr(self.func, "requires_mode", None)
@@ -40,7 +43,7 @@ class Method:
 
     @property
     def evaluate_linearized(self) -> bool:
-        return getattr(self.func, "evaluate_linearized", False)
+        return self._linearized or getattr(self.func, "evaluate_linearized", False)
 
     @property
     def affine(self) -> bool:

@@ -1,5 +1,6 @@
 """T5 / Flan-T5 on GLUE as a model family: a text-to-text T5 behind `T5Logits`, the GLUE tasks
-(fusion_bench.data.glue) and its metric (generated text vs target: exact match, Spearman for STS-B). The stages,
+(fusion_bench.data.glue; or taskpool=tiny_glue, the generated fusion_bench.data.tiny_glue, scored with GLUE's
+metric of each task) and its metric (generated text vs target: exact match, Spearman for STS-B). The stages,
 store and report are the ones CLIP uses; the fine-tuning modes (fusion_bench.t5.modes) act on T5Logits:
 
 | finetune | trains (store keys)                                  | task vectors over                       |
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from fusion_bench.data import glue
+from fusion_bench.data import glue, tiny_glue
 from fusion_bench.devices import eval_device
 from fusion_bench.errors import ConfigError
 from fusion_bench.families.base import ModelFamily, validate_common
@@ -34,6 +35,8 @@ from fusion_bench.t5.modes import MODES
 from fusion_bench.t5.train import Seq2SeqCollator, finetune_t5
 
 log = logging.getLogger(__name__)
+
+SOURCES = {"glue": tuple(glue.TASKS), "tiny_glue": tiny_glue.TASKS}  # taskpool.source -> its tasks
 
 
 class T5Family(ModelFamily):
@@ -46,8 +49,9 @@ class T5Family(ModelFamily):
 
     @classmethod
     def validate(cls, cfg: DictConfig) -> None:
-        if cfg.taskpool.get("source") != "glue":
-            raise ConfigError(f"model={cfg.model.name} is a T5 model: use taskpool=glue "
+        source = cfg.taskpool.get("source")
+        if source not in SOURCES:
+            raise ConfigError(f"model={cfg.model.name} is a T5 model: use taskpool=glue or taskpool=tiny_glue "
                               f"(got taskpool={cfg.taskpool.name})")
         if cfg.get("finetuned_from"):
             raise ConfigError("finetuned_from imports CLIP image encoders; for T5, fine-tune with stage=finetune")
@@ -59,7 +63,7 @@ class T5Family(ModelFamily):
         if eval_device(cfg.trainer)[1] is torch.float16:
             raise ConfigError(f"trainer.precision={cfg.trainer.precision}: T5's activations overflow float16 (inf/NaN "
                               f"losses); use bf16-mixed or 32-true")
-        validate_common(cfg, sorted(glue.TASKS), cls.analyses)  # the others compare image-classifier predictions
+        validate_common(cfg, sorted(SOURCES[source]), cls.analyses)  # the others compare image-classifier predictions
 
     @classmethod
     def check_output(cls, cfg: DictConfig, fmt: str, adapters: bool) -> None:
@@ -77,7 +81,7 @@ class T5Family(ModelFamily):
         return write_t5(self.plain_model(merged, linearized).t5, self.tokenizer, out)
 
     def report_extras(self) -> dict:
-        return {"metrics": {t: "spearman" if glue.TASKS[t].targets is None else "exact_match" for t in self.tasks}}
+        return {"metrics": {t: task.metric_name for t, task in self.tasks.items()}}
 
     @cached_property
     def _loaded(self):
@@ -97,7 +101,9 @@ class T5Family(ModelFamily):
 
     @cached_property
     def tasks(self) -> dict[str, glue.GlueTask]:
-        return {t: glue.load_glue_task(self.cfg.taskpool, t) for t in self.cfg.taskpool.tasks}
+        pool = self.cfg.taskpool
+        load = tiny_glue.load_task if pool.get("source") == "tiny_glue" else glue.load_glue_task
+        return {t: load(pool, t) for t in pool.tasks}
 
     @cached_property
     def mode_cfg(self) -> DictConfig:
@@ -111,7 +117,8 @@ class T5Family(ModelFamily):
         return {"template": glue.TASKS[task].template}
 
     def acc(self, model: nn.Module, task: str, split: str) -> float:
-        """Exact match (Spearman for STS-B) of greedy generations on the task's split."""
+        """The task's metric (exact match, Spearman for STS-B; tiny_glue: GLUE's F1 / Matthews where GLUE uses
+        them) of greedy generations on the task's split."""
         m, t = self.cfg.model, self.tasks[task]
         preds = generate_texts(model, self.tokenizer, [e.source for e in t.split(split)], m.eval_batch_size,
                                m.max_source_length, m.max_new_tokens, **self.eval_where)

@@ -3,6 +3,9 @@ and greedy decoding.
 
 Where the weights come from (`resolve_t5`), first match wins; nothing is ever downloaded:
 
+0. model=tiny_t5 with `model.pretrained` null: the committed tiny T5 (`TINY_T5`: fusion_bench/assets/tiny_t5.safetensors
+   + tiny_t5.json, its config and word-level vocabulary), made by `python -m fusion_bench.t5.tiny_pretrain`
+   (`make tiny-t5-pretrain`). `model.pretrained=/path/x.safetensors` next to an `x.json` is read the same way.
 1. `model.pretrained=/path`: a `save_pretrained` folder (config.json + model.safetensors / pytorch_model.bin +
    tokenizer.json or spiece.model), or a hub-cache repo folder `models--google--flan-t5-base`.
 2. `paths.cache_dir` (the model YAML's `cache_dir`) in the Hugging Face hub cache layout:
@@ -18,6 +21,7 @@ for folders that have nothing but `spiece.model`).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -32,6 +36,8 @@ from fusion_bench.models.linearize import MountedModule
 
 log = logging.getLogger(__name__)
 
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+TINY_T5 = ASSETS / "tiny_t5.safetensors"  # + tiny_t5.json (fusion_bench/t5/tiny_pretrain.py)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 
@@ -57,19 +63,29 @@ def _snapshot(repo: Path) -> Path | None:
     return max(snaps, key=lambda s: s.stat().st_mtime) if snaps else None
 
 
+def _is_tiny_file(p: Path) -> bool:
+    return p.suffix == ".safetensors" and p.is_file() and p.with_suffix(".json").is_file()
+
+
 def resolve_t5(model_cfg: DictConfig) -> Path:
     looked: list[str] = []
     explicit = model_cfg.get("pretrained")
+    if not explicit and model_cfg.get("name") == "tiny_t5":
+        if not _is_tiny_file(TINY_T5):
+            raise WeightsNotFoundError(f"model=tiny_t5: the committed {TINY_T5} (and {TINY_T5.with_suffix('.json')}) "
+                                       f"is missing; re-create it with `make tiny-t5-pretrain`")
+        return TINY_T5
     if explicit:
         p = Path(str(explicit)).expanduser()
-        if _is_model_dir(p):
+        if _is_tiny_file(p) or _is_model_dir(p):
             return p
         snap = _snapshot(p) if (p / "snapshots").is_dir() else None
         if snap:
             return snap
         raise WeightsNotFoundError(
             f"model.pretrained={p}: no T5 model there (expected config.json and one of {WEIGHT_FILES}, as written by "
-            f"save_pretrained, or a hub-cache folder models--<org>--<name>/snapshots/<rev>/)")
+            f"save_pretrained, a hub-cache folder models--<org>--<name>/snapshots/<rev>/, or a tiny T5's "
+            f"x.safetensors beside its x.json)")
     hf_id = model_cfg.get("hf_id")
     if hf_id:
         repo = "models--" + str(hf_id).replace("/", "--")
@@ -94,6 +110,10 @@ def load_t5(model_cfg: DictConfig):
     from transformers import AutoTokenizer, T5ForConditionalGeneration
 
     path = resolve_t5(model_cfg)
+    if path.is_file():  # a tiny T5: weights + its JSON
+        model, tokenizer = load_tiny_t5(path)
+        log.info("loaded %s from %s", model_cfg.name, path)
+        return model, tokenizer
     model = T5ForConditionalGeneration.from_pretrained(str(path), local_files_only=True).float().eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
@@ -105,6 +125,45 @@ def load_t5(model_cfg: DictConfig):
         raise ValueError(f"{path}: tokenizer has {len(tokenizer)} tokens, model only {model.config.vocab_size}")
     log.info("loaded %s from %s", model_cfg.name, path)
     return model, tokenizer
+
+
+def tiny_tokenizer(vocab: list, extra_ids: int):
+    """The tiny T5's tokenizer: a Unigram model over whole words of its world and single characters (`vocab`:
+    [piece, log-probability] pairs; anything else falls back to characters), plus `extra_ids` span sentinels."""
+    from transformers import T5Tokenizer
+
+    return T5Tokenizer(vocab=[(str(p), float(s)) for p, s in vocab], extra_ids=int(extra_ids))
+
+
+def load_tiny_t5(path: str | Path):
+    """(T5ForConditionalGeneration in fp32, eval mode; its tokenizer) from a tiny T5's `x.safetensors` (weights,
+    possibly fp16) and `x.json` ({"config": T5Config arguments, "tokenizer": {"vocab", "extra_ids"}})."""
+    from safetensors.torch import load_model
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    path = Path(path)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    model = T5ForConditionalGeneration(T5Config(**meta["config"])).float()
+    load_model(model, str(path), strict=True)  # tied weights (shared, lm_head) are stored once
+    return model.eval(), tiny_tokenizer(**meta["tokenizer"])
+
+
+def save_tiny_t5(model: nn.Module, config: dict, vocab: list, extra_ids: int, path: str | Path,
+                 metadata: dict | None = None) -> Path:
+    """Write `path` (.safetensors, fp16 weights) and its .json: what `load_tiny_t5` reads."""
+    import copy
+
+    from safetensors.torch import save_model
+
+    from fusion_bench.store import atomic_write, atomic_write_text
+
+    path = Path(path)
+    half = copy.deepcopy(model).half()
+    atomic_write(path, lambda tmp: save_model(half, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()}))
+    meta = {"config": config, "tokenizer": {"vocab": [list(v) for v in vocab], "extra_ids": extra_ids},
+            "pretraining": metadata or {}}
+    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1) + "\n")
+    return path
 
 
 class T5Logits(MountedModule):

@@ -69,6 +69,7 @@ RUN_OPTIONS: dict[str, Range] = {
     "finetune.train_bias": FLAG,
     "finetune.posthoc": FLAG,
     "finetune.workers": any_of(COUNT, choice("auto")),
+    "finetune.evaluate": choice("folded", "linearized"),
     # trainer=
     "trainer.devices": any_of(COUNT, choice(-1, "auto"), ListOf(integer(0), min_len=1),
                               Pattern(r"-1|\d+(\s*,\s*\d+)*,?", "a string of device indices such as '0,1'")),
