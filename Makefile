@@ -45,7 +45,7 @@ MODES ?= standard,linear,attention,linear_layers,lora,l_lora
 METHODS ?= task_arithmetic,ties,dare,dare_ties,awd_ta,awd_ties
 SWEEP = -m finetune=$(MODES) method=$(METHODS) method.scaling_coef=search
 
-METHODS_2024 ?= tsv_merging,iso_c,iso_cts,wudi,consensus_ta,consensus_ties,tall_masks,emr,breadcrumbs,magmax,model_stock
+METHODS_2024 ?= tsv_merging,iso_c,iso_cts,wudi,consensus_ta,consensus_ties,tall_masks,emr,breadcrumbs,magmax,model_stock,cart,pcb_merging,ace_merging
 MODES_2024 ?= standard,attention
 
 bench-calibrate: ## the tiny benchmark's calibration probe: zero-shot, individual, WA / TA / TIES for one recipe (CAL_ARGS="--lr 1e-3"; default: the tiny_clip recipe)
@@ -61,10 +61,10 @@ bench-tiny:     ## every method of the table on tiny_eight: every mode x METHODS
 bench-tiny-2024: ## the data-free methods of 2024-2026 on tiny_eight, each with its paper's defaults (CPU)
 	$(PY) run.py -m finetune=$(MODES_2024) method=$(METHODS_2024)
 
-METHODS_DATA ?= regmean,fisher_merging,adamerging,adamerging_pp
+METHODS_DATA ?= regmean,regmean_plusplus,lot_merging,fisher_merging,adamerging,adamerging_pp
 MODES_DATA ?= standard,attention
 
-bench-tiny-data: ## RegMean, Fisher merging, AdaMerging (++) on tiny_eight; LoraHub on the l_lora and lora fine-tunes
+bench-tiny-data: ## RegMean (++), LOT, Fisher merging, AdaMerging (++) on tiny_eight; LoraHub on the l_lora and lora fine-tunes
 	$(PY) run.py -m finetune=$(MODES_DATA) method=$(METHODS_DATA)
 	$(PY) run.py -m finetune=l_lora,lora ++finetune.task_vector=adapters method=lorahub
 
@@ -81,7 +81,7 @@ L_LORA = finetune=l_lora finetune.evaluate=linearized
 bench-tiny-t5:  ## the tiny T5 on tiny_glue: full / LoRA / L-LoRA fine-tunes x WA, TA, TIES, ..., LoraHub; cosine -> t5_report.md (CPU)
 	$(T5) finetune=standard,lora method=$(METHODS_T5) method.scaling_coef=search hydra.sweep.dir=$(T5_DIR)/search
 	$(T5) $(L_LORA) method=$(METHODS_T5) method.scaling_coef=search hydra.sweep.dir=$(T5_DIR)/search_l_lora
-	$(T5) finetune=standard,lora method=$(METHODS_T5_DEFAULTS),wudi,regmean hydra.sweep.dir=$(T5_DIR)/defaults
+	$(T5) finetune=standard,lora method=$(METHODS_T5_DEFAULTS),wudi,regmean,regmean_plusplus,lot_merging hydra.sweep.dir=$(T5_DIR)/defaults
 	$(T5) finetune=standard,lora method=fisher_merging method.statistics.target=label hydra.sweep.dir=$(T5_DIR)/fisher
 	$(T5) $(L_LORA) method=$(METHODS_T5_DEFAULTS) hydra.sweep.dir=$(T5_DIR)/defaults_l_lora
 	$(T5) $(L_LORA) method=wudi method.keys=all_2d hydra.sweep.dir=$(T5_DIR)/wudi_l_lora

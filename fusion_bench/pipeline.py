@@ -24,7 +24,7 @@ from fusion_bench.stages.evaluate import merged_accuracies, reference_accuracies
 from fusion_bench.stages.export import export_merge
 from fusion_bench.stages.finetune import finetuned_state, seconds_per_step
 from fusion_bench.stages.finetune_workers import finetune_tasks
-from fusion_bench.stages.merge import Method
+from fusion_bench.stages.merge import Method, check_svc
 from fusion_bench.validation.check import check_options
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ def validate_config(cfg: DictConfig) -> None:
     family = family_class(str(cfg.model.get("family", "clip")))
     family.validate(cfg)
     objective.check(cfg)  # objective (hparams_search=optuna*): a known one, on a stage that evaluates
+    check_svc(cfg)  # method.svc (post=svc): whether SVC can follow this method in this run
     if cfg.stage in ("merge", "all"):  # the stages that write the merged model (fusion_bench.export)
         check_output(family, cfg)
 

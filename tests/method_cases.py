@@ -65,9 +65,25 @@ def states(n: int = 3, seed: int = 0, small: float = 0.3):
     return pre, fts
 
 
-def statistics(statistic: str, n: int, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+class FixedLayerGrams:
+    """RegMean++'s layer Grams (layer_gram) that do not depend on the weights: the synthetic Grams of `statistics`,
+    each layer's own; the layer order of the keys of `states` (block blocks.0, head proj)."""
+
+    def __init__(self, grams: list[dict[str, torch.Tensor]]):
+        from fusion_bench.merging.regmean_pp import layer_order
+
+        self.grams = grams
+        self.order = layer_order([*KEYS_2D, *KEYS_1D, "steps"], block=r"blocks\.\d+", head=r"proj$")
+
+    def __call__(self, states, layer):
+        return [{k: g[k] for k in layer.keys if k in g} for g in self.grams]
+
+
+def statistics(statistic: str, n: int, seed: int = 1):
     """Per task, a Gram matrix of inputs (gram: [in, in] of each 2-D map, open_clip's x @ proj: [rows, rows]) or a
-    positive diagonal Fisher (fisher: the weight's shape)."""
+    positive diagonal Fisher (fisher: the weight's shape); for layer_gram (RegMean++) those Grams layer by layer."""
+    if statistic == "layer_gram":
+        return FixedLayerGrams(statistics("gram", n, seed))
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):

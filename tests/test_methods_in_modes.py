@@ -14,7 +14,7 @@ METHODS = {"tsv_merging": [], "iso_c": ["method.scaling_coef=1.0"], "iso_cts": [
            "wudi": ["method.iterations=20"], "consensus_ta": ["method.lambdas=0.4", "method.scaling_coef=1.0"],
            "consensus_ties": ["method.lambdas=0.4", "method.scaling_coef=1.0"], "tall_masks": ["method.lambdas=0.4"],
            "emr": [], "breadcrumbs": ["method.scaling_coef=1.0"], "magmax": ["method.scaling_coef=0.5"],
-           "model_stock": []}
+           "model_stock": [], "cart": [], "pcb_merging": [], "ace_merging": []}
 MODES = {"attention": [], "linear_layers": [], "lora": [], "linear": [], "l_lora": []}
 
 
@@ -27,7 +27,7 @@ def test_every_new_method_in_every_mode(make_cfg, mode):
     fts = [{k: v + 0.3 * v.std().clamp_min(0.05) * torch.randn(v.shape, generator=g)
             for k, v in exp.pretrained_state.items()} for _ in range(2)]
     for name, extra in METHODS.items():
-        if name == "wudi" and mode == "l_lora":  # adapters: no block linear map for WUDI's official key set
+        if name in ("wudi", "cart") and mode == "l_lora":  # adapters: no block linear map for the official key set
             extra = [*extra, "method.keys=all_2d"]
         method_cfg = make_cfg(f"method={name}", *extra).method
         merged = Method(method_cfg, mode)(exp.pretrained_state, fts, method_cfg.get("scaling_coef"))

@@ -353,3 +353,36 @@ def test_fisher_keys_custom_log_likelihood_and_loop_fallback(caplog):
     assert "vmap failed" in caplog.text
     want, _ = reference_fisher(model, batches, "label")
     assert_fisher_close(got, {k: v.clamp_min(1e-12) for k, v in want.items()})
+
+
+class _TiedClassifier(nn.Module):
+    """Token embedding and output head sharing one weight (as T5's shared / embed_tokens / lm_head), three names."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(4)
+        self.embed = nn.Embedding(5, 4)
+        self.embed.weight.data = torch.randn(5, 4, generator=g)
+        self.alias = self.embed  # a second name for the same module and weight
+        self.mid = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 5, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mid(self.alias(x).mean(1))))
+
+
+def test_fisher_of_a_subset_of_keys_beside_tied_weights_matches_per_sample_loop(caplog):
+    """Keys that leave a tied weight out (finetune=lora on T5: the adapted maps only): the tied weight is frozen once,
+    not under each of its names (functional_call refuses several values for tied names)."""
+    model = _TiedClassifier().eval()
+    g = torch.Generator().manual_seed(5)
+    batches = [(torch.randint(0, 5, (3, 6), generator=g), torch.randint(0, 5, (3,), generator=g)) for _ in range(2)]
+    with caplog.at_level(logging.WARNING, logger="fusion_bench.statistics.fisher"):
+        got, n = diagonal_fisher(model, batches, None, target="label", keys=["mid.weight", "mid.bias"], chunk=2)
+    assert "vmap failed" not in caplog.text
+    assert model.head.weight is model.embed.weight  # still tied afterwards (torch.func unties it: _keeps_ties)
+    assert all(p.requires_grad for p in model.parameters())
+    want, _ = reference_fisher(model, batches, "label")
+    assert n == 6 and set(got) == {"mid.weight", "mid.bias"}
+    assert_fisher_close(got, {k: want[k] for k in got})

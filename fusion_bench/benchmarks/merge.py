@@ -35,6 +35,7 @@ ARCHS = {"vit_b32": "ViT-B-32-quickgelu", "vit_l14": "ViT-L-14-quickgelu"}
 VARIANTS: dict[str, tuple[str, dict, bool]] = {  # name -> (config, settings over the config's, in the default run)
     "ties_per_tensor": ("ties", {"per_tensor": True}, True),
     "wudi_30_steps": ("wudi", {"iterations": 30}, False),  # per-step cost (ViT-L/14: 30 of 300 steps)
+    "wudi_exact": ("wudi", {"solver": "exact"}, True),  # the loss's minimiser instead of 300 Adam steps
 }
 BENCH_KINDS = ("data-free", "task-specific")
 

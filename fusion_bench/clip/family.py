@@ -20,6 +20,7 @@ from fusion_bench.errors import ConfigError, MissingFileError
 from fusion_bench.evaluation.accuracy import accuracy
 from fusion_bench.evaluation.search import CoefficientGrid, grid_correct
 from fusion_bench.families.base import ANALYSES, ModelFamily, validate_common
+from fusion_bench.merging.regmean_pp import LayerOrder, layer_order
 from fusion_bench.models import modes as clip_modes
 from fusion_bench.reporting.memory import release
 from fusion_bench.statistics import diagonal_fisher, input_grams
@@ -239,8 +240,15 @@ class CLIPFamily(ModelFamily):
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].tolist()
         return [default_collate([data[i] for i in order[s:s + batch_size]]) for s in range(0, len(order), batch_size)]
 
-    def grams(self, model: nn.Module, batches: list) -> dict[str, torch.Tensor]:
-        return input_grams(model, batches, forward=lambda m, b: m(b[0]), size=lambda b: len(b[0]))[0]
+    def grams(self, model: nn.Module, batches: list, norm_scales: bool = False, keys: list[str] | None = None,
+              stop_after: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        return input_grams(model, batches, forward=lambda m, b: m(b[0]), size=lambda b: len(b[0]),
+                           norm_scales=norm_scales, keys=keys, stop_after=stop_after)[0]
+
+    def regmean_layers(self, keys: list[str]) -> LayerOrder:
+        """open_clip's VisionTransformer: the stem (conv1, class / positional embedding, ln_pre), the residual blocks,
+        the head (attn_pool, ln_post, proj: what follows the blocks in its forward)."""
+        return layer_order(keys, block=r"transformer\.resblocks\.\d+", head=r"(attn_pool|ln_post)\.|proj$")
 
     def fisher(self, model: nn.Module, task: str, batches: list, target: str, seed: int,
                keys: list[str]) -> dict[str, torch.Tensor]:

@@ -173,9 +173,17 @@ class ModelFamily:
         """(inputs, labels) batches of n examples of the split drawn without replacement (seeded); all with None."""
         raise NotImplementedError(f"{type(self).__name__} gives no batches of its tasks' data")
 
-    def grams(self, model: nn.Module, batches: list) -> dict[str, torch.Tensor]:
-        """Input Gram matrix of every linear map of `model` (fusion_bench.statistics.input_grams)."""
+    def grams(self, model: nn.Module, batches: list, norm_scales: bool = False, keys: list[str] | None = None,
+              stop_after: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Input Gram matrix of every linear map of `model` (fusion_bench.statistics.input_grams); with
+        `norm_scales` also each normalisation scale's mean of x_hat^2 (LOT Merging). `keys`: only those maps;
+        `stop_after`: each batch's forward is cut short after that module (RegMean++: one block at a time)."""
         raise NotImplementedError(f"{type(self).__name__} computes no Gram matrices")
+
+    def regmean_layers(self, keys: list[str]) -> Any:
+        """The merge-space `keys` in RegMean++'s order (a fusion_bench.merging.regmean_pp.LayerOrder: stem, the
+        blocks in forward order, head), named like the modules of `model_with`'s network."""
+        raise NotImplementedError(f"{type(self).__name__} gives no layer order (regmean_layers)")
 
     def fisher(self, model: nn.Module, task: str, batches: list, target: str, seed: int,
                keys: list[str]) -> dict[str, torch.Tensor]:

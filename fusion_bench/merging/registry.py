@@ -10,7 +10,8 @@ Each merging function says what it is with :func:`merging_method`::
     def ties_merging(...): ...
 
 - ``kind``: ``data-free``, ``task-specific`` (returns a TaskSpecificMerge), ``statistics`` (takes one statistic
-  per task, ``statistic="gram"`` or ``"fisher"``) or ``coefficients`` (a coefficient strategy over another
+  per task, ``statistic="gram"`` or ``"fisher"``, or with ``"layer_gram"`` a callable giving the Grams of a partial
+  merge layer by layer: RegMean++) or ``coefficients`` (a coefficient strategy over another
   method: :func:`coefficient_method`) -- the four families of DESIGN.md "Method families".
 - ``affine``: the merge is ``theta_0 + c * tau_m`` with ``tau_m`` independent of ``c = scaling_coef``, so the
   coefficient search merges once (fusion_bench/evaluation/search.py). Required (True or False) for a function
@@ -45,7 +46,9 @@ from dataclasses import dataclass
 from typing import Any
 
 KINDS = ("data-free", "task-specific", "statistics", "coefficients")
-STATISTICS = {"gram": "grams", "fisher": "fishers"}  # statistic -> the merging function's argument (stages/statistics)
+# statistic -> the merging function's argument (stages/statistics); layer_gram: RegMean++'s Grams of the partial
+# merge, not stored but computed during the merge through a callable (merging/regmean_pp.py)
+STATISTICS = {"gram": "grams", "fisher": "fishers", "layer_gram": "layer_grams"}
 COEFFICIENT_STRATEGIES = ("adamerging", "lorahub")  # conf/coefficients/<strategy>.yaml
 
 
@@ -59,7 +62,7 @@ class MethodSpec:
     affine: bool | None  # None: no scaling_coef
     modes: tuple[str, ...] | None = None  # None: every fine-tuning mode
     linearized: bool = False  # evaluated through the linearized model
-    statistic: str | None = None  # kind statistics: "gram" | "fisher" (method.statistics.kind)
+    statistic: str | None = None  # kind statistics: "gram" | "fisher" | "layer_gram" (method.statistics.kind)
     base: str | None = None  # kind coefficients: the method config it composes (its YAML's defaults)
     strategy: str | None = None  # kind coefficients: conf/coefficients/<strategy>.yaml
 

@@ -74,27 +74,43 @@ def regmean(
     return finish(inp, out)
 
 
-def _merge_key(
-    key: str, pre: Tensor, weights: list[Tensor], grams: list[Tensor], a: float, names: list[str]
-) -> Tensor:
+def gram_system(
+    method: str, key: str, pre: Tensor, weights: list[Tensor], grams: list[Tensor], names: list[str],
+    a: float = 1.0, minus: Tensor | None = None,
+) -> tuple[Tensor, Tensor, bool]:
+    """The normal equations of ``min_M sum_t ||X_t M - X_t M_t||^2`` for the linear map ``key`` (shared by RegMean
+    and LOT Merging): ``(lhs, rhs, right)`` with ``lhs = sum_t G~_t`` ([in, in]) and ``rhs = sum_t G~_t M_t``
+    ([in, out]) in fp64 on the Grams' device, ``M_t = W_t^T`` (``proj_t`` itself when ``right``: ``x @ proj``),
+    ``W_t`` minus ``minus`` when given (LOT: the task vectors), ``G~_t`` as in the module doc.  Raises ValueError
+    naming the key and the task for a Gram of the wrong size."""
     right = is_right_multiplied(key)
     d_in = pre.shape[0] if right else pre.shape[1]
     device = grams[0].device
     lhs = torch.zeros(d_in, d_in, dtype=torch.float64, device=device)
     rhs = torch.zeros(d_in, pre.shape[1] if right else pre.shape[0], dtype=torch.float64, device=device)
+    base = None if minus is None else minus.to(device=device, dtype=torch.float64)
     for w, g, name in zip(weights, grams, names):
         if g.shape != (d_in, d_in):
             what = "proj.shape[0] (x @ proj)" if right else "the input dimension shape[1]"
             raise ValueError(
-                f"regmean: the Gram of {key!r} for {name} has shape {tuple(g.shape)} but the weight "
+                f"{method}: the Gram of {key!r} for {name} has shape {tuple(g.shape)} but the weight "
                 f"{tuple(pre.shape)} needs [{d_in}, {d_in}] ({what})"
             )
         g = g.to(device=device, dtype=torch.float64)
         if a != 1.0:
             g = g * a + torch.diag(g.diagonal() * (1.0 - a))
         w = w.to(device=device, dtype=torch.float64)
+        if base is not None:
+            w = w - base
         lhs += g
         rhs += g @ (w if right else w.T)
+    return lhs, rhs, right
+
+
+def _merge_key(
+    key: str, pre: Tensor, weights: list[Tensor], grams: list[Tensor], a: float, names: list[str]
+) -> Tensor:
+    lhs, rhs, right = gram_system("regmean", key, pre, weights, grams, names, a)
     try:
         merged = torch.linalg.solve(lhs, rhs)  # [in, out] = W^T (= proj for x @ proj)
     except torch.linalg.LinAlgError as err:

@@ -76,15 +76,16 @@ def claim_merging(by: dict[tuple[str, str], dict]) -> Claim:
                 ll["average"].get("normalized") is None:
             continue
         a, b = lo["average"]["normalized"], ll["average"]["normalized"]
-        c.checks.append((f"{method}: L-LoRA {_pct(b)} > LoRA {_pct(a)}", b > a + MARGIN))
-    c.measured = "; ".join(what for what, _ in c.checks)
+        c.checks.append((f"{method}: L-LoRA {_pct(b)} vs LoRA {_pct(a)}", b > a + MARGIN))
+    passed = sum(ok for _, ok in c.checks)
+    c.measured = f"{passed} of {len(c.checks)} methods: " + "; ".join(what for what, _ in c.checks) if c.checks else ""
     return c
 
 
 def claim_orthogonal(cos: dict[str, float]) -> Claim:
     c = Claim(f"L-LoRA task vectors are closer to orthogonal than LoRA's ({PAPER}): lower mean |cos| between tasks")
     if "lora" in cos and "l_lora" in cos:
-        c.checks.append((f"L-LoRA {cos['l_lora']:.4f} < LoRA {cos['lora']:.4f}", cos["l_lora"] < cos["lora"] - MARGIN))
+        c.checks.append((f"L-LoRA {cos['l_lora']:.4f} vs LoRA {cos['lora']:.4f}", cos["l_lora"] < cos["lora"] - MARGIN))
         c.measured = c.checks[0][0]
     return c
 

@@ -4,16 +4,20 @@ kept in the checkpoint store next to the fine-tune, for the merges that weigh ta
 | method.statistics.kind | what                                                        | merge            |
 |------------------------|-------------------------------------------------------------|------------------|
 | gram                   | input Gram matrix of every linear map (statistics/grams.py) | regmean          |
+| gram, norm_scales=true | the Grams and each norm scale's E[x_hat^2] (statistics/grams.py) | lot_merging |
 | fisher                 | diagonal Fisher of every merged parameter (statistics/fisher.py) | fisher_merging |
+| layer_gram             | Grams of the partial merge, layer by layer (stages/layer_grams.py) | regmean_plusplus |
 
 A statistic's file is `<fine-tune>.stat-<kind>-<hash>.safetensors`, keyed by the fine-tune (its path), the
-statistic, the number of samples, the seed, the Fisher's target, the Grams' definition (`GRAMS_VERSION`, see
-fusion_bench/statistics/grams.py) and the fine-tuning mode; written atomically,
-loaded without pickle, and reused by every later merge and sweep.
+statistic, the number of samples, the seed, the Fisher's target, norm_scales (when true), the Grams' definition
+(`GRAMS_VERSION`, see fusion_bench/statistics/grams.py) and the fine-tuning mode; written atomically,
+loaded without pickle, and reused by every later merge and sweep. RegMean++'s layer Grams depend on the merge
+itself: nothing is stored, the merge gets a callable that computes them (fusion_bench/stages/layer_grams.py).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
@@ -27,6 +31,7 @@ from fusion_bench import keys
 from fusion_bench.errors import ConfigError
 from fusion_bench.families.base import ModelFamily
 from fusion_bench.reporting.memory import release
+from fusion_bench.stages import layer_grams
 from fusion_bench.stages.finetune import finetuned_state
 from fusion_bench.stages.merge import Method
 from fusion_bench.statistics.grams import GRAMS_VERSION
@@ -34,7 +39,7 @@ from fusion_bench.store import CheckpointError, atomic_save_safetensors, config_
 
 log = logging.getLogger(__name__)
 
-KINDS = {"gram": "grams", "fisher": "fishers"}  # statistic -> the merging function's argument
+KINDS = {"gram": "grams", "fisher": "fishers", "layer_gram": "layer_grams"}  # statistic -> the function's argument
 
 
 def spec(method: Method) -> dict | None:
@@ -45,6 +50,13 @@ def spec(method: Method) -> dict | None:
     s = {"num_samples": 256, "batch_size": 16, "seed": 0, "target": "sample", **keys.resolved(s)}
     if s.get("kind") not in KINDS:
         raise ConfigError(f"method={method.name}: statistics.kind={s.get('kind')!r}; expected one of {sorted(KINDS)}")
+    takes = inspect.signature(method.func).parameters
+    if KINDS[s["kind"]] not in takes:  # e.g. regmean's Grams handed to RegMean++, which needs them layer by layer
+        wants = [k for k, arg in KINDS.items() if arg in takes]
+        raise ConfigError(f"method={method.name}: statistics.kind={s['kind']!r} is not what it merges with; use "
+                          f"statistics.kind={wants[0] if wants else None!r}")
+    if s.get("norm_scales") and s["kind"] != "gram":
+        raise ConfigError(f"method={method.name}: statistics.norm_scales=true goes with kind=gram, not {s['kind']!r}")
     return s
 
 
@@ -53,7 +65,8 @@ def check(fam: ModelFamily, method: Method, tasks: list[str]) -> None:
     s = spec(method)
     if s is None:
         return
-    what = {"gram": "input Gram matrices of the encoder's linear maps", "fisher": "the Fisher of its weights"}
+    what = {"gram": "input Gram matrices of the encoder's linear maps", "fisher": "the Fisher of its weights",
+            "layer_gram": "input Gram matrices of the partial merge's linear maps"}
     if not fam.merges_plain_weights:
         raise ConfigError(f"method={method.name} needs {what[s['kind']]}, but finetune={fam.mode} merges "
                           f"{'LoRA adapters' if fam.merges_adapters else 'a linearized model'}, for which there are none: "
@@ -61,6 +74,8 @@ def check(fam: ModelFamily, method: Method, tasks: list[str]) -> None:
     if s["kind"] == "fisher" and s["target"] not in fam.fisher_targets:
         raise ConfigError(f"method={method.name}: statistics.target={s['target']!r} is not available for "
                           f"model={fam.cfg.model.name}; use one of {list(fam.fisher_targets)}")
+    if s["kind"] == "layer_gram":
+        layer_grams.check(fam, f"method={method.name}")
     fam.require_split(tasks, "train", f"method={method.name} ({what[s['kind']]})")
 
 
@@ -70,6 +85,8 @@ def path(fam: ModelFamily, task: str, s: dict) -> Path:
         fields["target"] = s["target"]
     if s["kind"] == "gram":  # Grams of another definition (per sample, padding counted) are never reused
         fields["gram_version"] = GRAMS_VERSION
+        if s.get("norm_scales"):  # the Grams with the norm scales' moments (LOT Merging): a file of its own
+            fields["norm_scales"] = True
     h = config_hash({**fields, "finetune": keys.finetune_options(fam.mode_cfg)})
     return fam.checkpoint(task).with_suffix(f".stat-{s['kind']}-{h}.safetensors")
 
@@ -79,6 +96,8 @@ def task_statistics(fam: ModelFamily, method: Method, tasks: list[str]) -> dict[
     s = spec(method)
     if s is None:
         return None
+    if s["kind"] == "layer_gram":  # computed during the merge, from the partial merge (stages/layer_grams.py)
+        return {KINDS[s["kind"]]: layer_grams.layer_grams(fam, tasks, s)}
     stats = []
     for t in tasks:
         stats.append(ensure(fam, t, s))
@@ -99,7 +118,8 @@ def ensure(fam: ModelFamily, task: str, s: dict) -> Mapping[str, torch.Tensor]:
                        fam.batches(task, "train", int(s["num_samples"]), int(s["seed"]), int(s["batch_size"])))
     n = sum(len(b[1]) for b in batches)
     if s["kind"] == "gram":
-        stat = {k: v for k, v in fam.grams(model, batches).items() if k in merge_keys}
+        extra = {"norm_scales": True} if s.get("norm_scales") else {}
+        stat = {k: v for k, v in fam.grams(model, batches, **extra).items() if k in merge_keys}
     else:
         names = [k for k in fam.pretrained_state if fam.pretrained_state[k].is_floating_point()]
         stat = fam.fisher(model, task, batches, s["target"], int(s["seed"]), names)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Iterable
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -109,6 +110,24 @@ class _Call(nn.Module):
         return self.fn(self.model, x, y)
 
 
+@contextmanager
+def _keeps_ties(model: nn.Module):
+    """Put every parameter and buffer back under each of its names afterwards: torch.func.functional_call
+    (torch 2.14) unties a tied weight when a submodule is registered under two names (T5's `shared` is also
+    `encoder.embed_tokens`; `lm_head.weight` is `shared.weight`), leaving a copy under one of them."""
+    tensors = [(n, t) for n, t in model.named_parameters(remove_duplicate=False)]
+    tensors += [(n, t) for n, t in model.named_buffers(remove_duplicate=False)]
+    try:
+        yield
+    finally:
+        for name, t in tensors:
+            owner, _, leaf = name.rpartition(".")
+            sub = model.get_submodule(owner)
+            table = sub._parameters if leaf in sub._parameters else sub._buffers
+            if table.get(leaf) is not t:
+                table[leaf] = t
+
+
 def _batch_len(x: Any) -> int:
     leaves = [t for t in tree_flatten(x)[0] if isinstance(t, Tensor)]
     if not leaves:
@@ -171,10 +190,14 @@ def diagonal_fisher(
         raise ValueError(f"diagonal_fisher: chunk must be >= 1, got {chunk}")
     call = _Call(model, fn)
     wrt = {k: named[k].detach() for k in keys}
-    wrt_ids = {id(named[k]) for k in keys}  # tied aliases of a key stay tied (functional_call ties them)
-    frozen = {
-        f"model.{k}": t.detach() for k, t in model.state_dict(keep_vars=True).items() if id(t) not in wrt_ids
-    }
+    # every other tensor once, under its first name: functional_call ties the aliases of a tied weight (T5's
+    # shared / embed_tokens / lm_head) and refuses a value for more than one of them
+    seen = {id(named[k]) for k in keys}
+    frozen = {}
+    for k, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            frozen[f"model.{k}"] = t.detach()
 
     def ll_one(params: dict[str, Tensor], x: Any, y: Tensor) -> Tensor:
         x, y = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, (x, y))
@@ -194,7 +217,7 @@ def diagonal_fisher(
     sums = {k: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for k, p in wrt.items()}
     gen = torch.Generator().manual_seed(int(seed))
     n = 0
-    with eval_mode(model):
+    with eval_mode(model), _keeps_ties(model):
         for x, y in track(batches, description="Fisher", transient=True, disable=not progress):
             b = _batch_len(x)
             if target == "expected":

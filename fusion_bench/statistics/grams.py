@@ -40,6 +40,15 @@ Linear maps found:
 - a bare 2-D ``proj`` used as ``pooled @ self.proj`` (open_clip's ``VisionTransformer``): ``W = proj^T`` and
   the Gram (key ``...proj``) is that of ``pooled``, ``[proj.shape[0]]^2``.  ``pooled`` is obtained exactly by
   running the module with ``proj`` set to ``None`` (its forward skips the product) and applying it in a hook.
+
+With ``norm_scales=True`` (LOT Merging, fusion_bench/merging/lot.py) also, for every normalisation layer with a 1-D
+scale ``y = w * x_hat (+ b)``, the per-dimension mean of ``x_hat * x_hat`` over the same positions (a ``[d]`` vector
+keyed by the scale's name: the diagonal of the Gram of ``x_hat``, what an element-wise product's least squares
+needs), where ``x_hat`` is recomputed exactly from the layer's input:
+
+- ``nn.LayerNorm`` (open_clip's ``LayerNorm`` too) over its last dimension: ``F.layer_norm(x, shape, eps=eps)``;
+- ``nn.RMSNorm``, and a Hugging Face RMS norm (a module with a 1-D ``weight``, no bias, a ``variance_epsilon``:
+  T5's ``T5LayerNorm``): ``x * rsqrt(mean(x^2) + eps)`` in fp32.
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from rich.progress import track
 from torch import Tensor, nn
 
@@ -106,11 +116,38 @@ _BARE = (
 )
 
 
+def _norm_scales(model: nn.Module) -> dict[str, tuple[nn.Module, Callable[[Tensor], Tensor]]]:
+    """``{scale key: (norm module, x -> x_hat)}`` for every normalisation layer with a 1-D scale (module doc)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    found: dict[str, tuple[nn.Module, Callable[[Tensor], Tensor]]] = {}
+    for m in model.modules():
+        w = m._parameters.get("weight")
+        if w is None or w.dim() != 1 or id(w) not in names:
+            continue
+        if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
+            found[names[id(w)]] = (m, lambda x, m=m: F.layer_norm(x.float(), m.normalized_shape, eps=m.eps))
+        elif isinstance(m, nn.RMSNorm) and len(m.normalized_shape) == 1:
+            found[names[id(w)]] = (m, lambda x, m=m: F.rms_norm(x.float(), m.normalized_shape, eps=m.eps))
+        elif hasattr(m, "variance_epsilon") and m._parameters.get("bias") is None:  # HF RMS norm (T5LayerNorm)
+            found[names[id(w)]] = (m, lambda x, m=m: x.float() * torch.rsqrt(
+                x.float().pow(2).mean(-1, keepdim=True) + m.variance_epsilon))
+    return found
+
+
 #: what a Gram holds (module doc): 1 = sum x x^T / samples, padding counted; 2 = mean over counted positions
 GRAMS_VERSION = 2
 
 #: ``positions(key, batch)``: boolean mask over the leading dims of ``key``'s input (its rows that count), or None
 Positions = Callable[[str, Any], Tensor | None]
+
+
+def linear_map_keys(model: nn.Module) -> list[str]:
+    """The weight keys of every linear map :func:`input_grams` finds in ``model`` (module doc), parameter order."""
+    return list(_linear_maps(model))
+
+
+class _Stop(Exception):
+    """Raised by the hook on ``stop_after``: the rest of the forward is not needed."""
 
 
 def input_grams(
@@ -121,6 +158,8 @@ def input_grams(
     keys: Collection[str] | None = None,
     progress: bool = False,
     positions: Positions | None = None,
+    norm_scales: bool = False,
+    stop_after: nn.Module | None = None,
 ) -> tuple[dict[str, Tensor], int]:
     """``({weight key: (1/P) sum x x^T over the P positions counted for that map}, N)`` over
     ``forward(model, batch)`` for every batch (module doc).
@@ -131,26 +170,33 @@ def input_grams(
     shape without its last dimension (e.g. ``[B, L]`` for a ``[B, L, in]`` input), or None for all of them;
     without ``positions`` every row counts.  ``keys`` restricts the weights (default: every linear map found,
     see the module docstring); a linear map the forward never reaches gets no Gram (an error when ``keys``
-    asked for it), a map reached with no position counted is an error.  The model runs under
-    ``torch.no_grad`` in eval mode; hooks are removed and training flags restored afterwards, also on error.
+    asked for it), a map reached with no position counted is an error.  ``stop_after``: a submodule after whose
+    forward each batch's forward is cut short (what comes after it is not needed: RegMean++ asks for one
+    transformer block's maps, fusion_bench/merging/regmean_pp.py); every map of ``keys`` must be reached by then.
+    The model runs under ``torch.no_grad`` in eval mode; hooks are removed and training flags restored
+    afterwards, also on error.
+    ``norm_scales``: also ``{scale key: mean of x_hat * x_hat}`` for every normalisation layer (module doc), over
+    the positions ``positions(scale key, batch)`` marks; ``keys`` restricts these too.
     """
     targets = _linear_maps(model)
+    scales = _norm_scales(model) if norm_scales else {}
     if keys is not None:
-        unknown = [k for k in keys if k not in targets]
+        unknown = [k for k in keys if k not in targets and k not in scales]
         if unknown:
             raise ValueError(
                 f"input_grams: key {unknown[0]!r} is not the weight of a linear map of the model "
-                f"(e.g. {list(targets)[:3]}); check the names in `keys`"
+                f"(e.g. {list(targets)[:3]}){' nor a normalisation scale' if norm_scales else ''}; check the "
+                f"names in `keys`"
             )
         targets = {k: targets[k] for k in targets if k in set(keys)}
+        scales = {k: scales[k] for k in scales if k in set(keys)}
     key_of = {(id(m), role): k for k, (m, role) in targets.items()}
     grams: dict[str, Tensor] = {}
     counted: dict[str, int] = {}
     batch: list[Any] = [None]  # the batch being run, for `positions`
 
-    def add(key: str | None, x: Tensor) -> None:
-        if key is None:
-            return
+    def counted_rows(key: str, x: Tensor) -> Tensor:
+        """The rows of ``x`` (flattened to [-1, in]) that count for ``key``."""
         x = x.detach()
         mask = positions(key, batch[0]) if positions is not None else None
         if mask is not None:
@@ -161,12 +207,26 @@ def input_grams(
                     f"tensor of shape {tuple(x.shape[:-1])} (which sequence does {key!r} read?)"
                 )
             x = x[mask.to(x.device)]
-        x = x.reshape(-1, x.shape[-1]).float()
+        return x.reshape(-1, x.shape[-1])
+
+    def add(key: str | None, x: Tensor) -> None:
+        if key is None:
+            return
+        x = counted_rows(key, x).float()
         counted[key] = counted.get(key, 0) + x.shape[0]
         if key in grams:
             grams[key].addmm_(x.T, x)
         else:
             grams[key] = x.T @ x
+
+    scale_of = {id(m): (k, normalise) for k, (m, normalise) in scales.items()}
+
+    def scale_hook(m: nn.Module, args: tuple, kwargs: dict) -> None:
+        key, normalise = scale_of[id(m)]
+        x = counted_rows(key, normalise(args[0] if args else next(iter(kwargs.values())))).float()
+        counted[key] = counted.get(key, 0) + x.shape[0]
+        sq = x.square().sum(0)
+        grams[key] = grams[key].add_(sq) if key in grams else sq
 
     def linear_hook(m: nn.Module, args: tuple, kwargs: dict) -> None:
         add(key_of[(id(m), "linear")], args[0] if args else kwargs["input"])
@@ -216,10 +276,21 @@ def input_grams(
             else:  # proj
                 handles.append(m.register_forward_pre_hook(proj_pre_hook))
                 handles.append(m.register_forward_hook(proj_hook))
+        for m, _ in scales.values():
+            handles.append(m.register_forward_pre_hook(scale_hook, with_kwargs=True))
+        if stop_after is not None:  # registered last: the module's own hooks (if any) run before it
+
+            def stop_hook(m: nn.Module, args: tuple, output: Any) -> None:
+                raise _Stop
+
+            handles.append(stop_after.register_forward_hook(stop_hook))
         with eval_mode(model), torch.no_grad():
             for b in track(batches, description="input Grams", transient=True, disable=not progress):
                 batch[0] = b
-                forward(model, b)
+                try:
+                    forward(model, b)
+                except _Stop:
+                    pass
                 n += int(size(b))
     finally:
         for h in handles:
@@ -228,17 +299,17 @@ def input_grams(
             m._parameters["proj"] = proj
     if n <= 0:
         raise ValueError("input_grams: `batches` held no samples (N = 0)")
-    missing = [k for k in targets if k not in grams]
+    missing = [k for k in (*targets, *scales) if k not in grams]
     if missing and keys is not None:
         raise ValueError(
             f"input_grams: the forward never reached the linear map of {missing[0]!r} (in `keys`)"
         )
     if missing:
         log.info("input_grams: %d linear maps not reached by the forward get no Gram", len(missing))
-    empty = [k for k in targets if counted.get(k, -1) == 0]
+    empty = [k for k in (*targets, *scales) if counted.get(k, -1) == 0]
     if empty:
         raise ValueError(
             f"input_grams: `positions` counted no position of the input of {empty[0]!r} in any batch; "
             "its Gram would be 0/0 (check the masks, e.g. all-padding batches)"
         )
-    return {k: grams[k].div_(counted[k]) for k in targets if k in grams}, n
+    return {k: grams[k].div_(counted[k]) for k in (*targets, *scales) if k in grams}, n

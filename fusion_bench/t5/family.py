@@ -28,6 +28,7 @@ from fusion_bench.data import glue, tiny_glue
 from fusion_bench.devices import eval_device
 from fusion_bench.errors import ConfigError
 from fusion_bench.families.base import ModelFamily, validate_common
+from fusion_bench.merging.regmean_pp import LayerOrder, layer_order
 from fusion_bench.statistics import diagonal_fisher, input_grams
 from fusion_bench.t5 import modes as t5_modes
 from fusion_bench.t5.model import T5Logits, generate_texts, load_t5
@@ -145,11 +146,21 @@ class T5Family(ModelFamily):
             out.append(({k: b[k] for k in ("input_ids", "attention_mask", "decoder_input_ids")}, b["labels"]))
         return out
 
-    def grams(self, model: nn.Module, batches: list) -> dict[str, torch.Tensor]:
+    def grams(self, model: nn.Module, batches: list, norm_scales: bool = False, keys: list[str] | None = None,
+              stop_after: nn.Module | None = None) -> dict[str, torch.Tensor]:
         """Mean of x x^T over the real (non-padding) tokens each linear map reads (`gram_positions`): a task's
-        Gram does not depend on its sequence lengths nor on how its examples are batched and padded."""
+        Gram does not depend on its sequence lengths nor on how its examples are batched and padded. With
+        `norm_scales` also each T5LayerNorm's mean of x_hat^2 over the positions it normalises (LOT Merging)."""
         return input_grams(model, batches, forward=lambda m, b: m(**b[0]),
-                           size=lambda b: b[0]["input_ids"].shape[0], positions=gram_positions)[0]
+                           size=lambda b: b[0]["input_ids"].shape[0], positions=gram_positions,
+                           norm_scales=norm_scales, keys=keys, stop_after=stop_after)[0]
+
+    def regmean_layers(self, keys: list[str]) -> LayerOrder:
+        """T5ForConditionalGeneration: the stem (the shared embedding, with it a tied lm_head), the encoder blocks,
+        the encoder's final norm (a layer of its own: the decoder's cross-attention reads the merged encoder's
+        output), the decoder blocks, the head (the decoder's final norm, an untied lm_head)."""
+        return layer_order(keys, block=r"(?:encoder|decoder)\.block\.\d+|encoder\.final_layer_norm",
+                           head=r"decoder\.final_layer_norm\.|lm_head\.")
 
     def fisher(self, model: nn.Module, task: str, batches: list, target: str, seed: int,
                keys: list[str]) -> dict[str, torch.Tensor]:

@@ -10,9 +10,10 @@ the checks that need the stages or the model family: items 5 and 6 below):
    on another setting), and optionally `check_settings(settings, ctx)` (relations between settings); a setting
    the function does not take is refused;
 3. the coefficient strategy blocks (`coefficients`, `method.coefficients`) and the statistics block
-   (`method.statistics`), whose ranges are in fusion_bench/validation/options.py;
+   (`method.statistics`), whose ranges are in fusion_bench/validation/options.py; the SVC block (`method.svc`,
+   post=svc), whose ranges are there too (whether SVC can follow the method: item 5);
 4. any other number in the config must be finite;
-5. (pipeline.validate_config) method.task_coefs, finetune.workers, the objective;
+5. (pipeline.validate_config) method.task_coefs, finetune.workers, the objective, method.svc after the method;
 6. (pipeline.validate_config, families.build_family) the model family's own checks (task names, modes,
    finetuned_from files exist, ...) and the output format.
 
@@ -30,13 +31,19 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from fusion_bench.errors import ConfigError
-from fusion_bench.validation.options import ORDERED_PAIRS, RUN_OPTIONS, STATISTICS_RANGES, STRATEGY_RANGES
+from fusion_bench.validation.options import (
+    ORDERED_PAIRS,
+    RUN_OPTIONS,
+    STATISTICS_RANGES,
+    STRATEGY_RANGES,
+    SVC_RANGES,
+)
 from fusion_bench.validation.ranges import PER_TASK_COEF, Context, Range, is_real, shown
 
 log = logging.getLogger(__name__)
 
 HYDRA_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
-PIPELINE_KEYS = ("statistics", "coefficients", "task_coefs")  # method blocks read by the stages, not the function
+PIPELINE_KEYS = ("statistics", "coefficients", "task_coefs", "svc")  # method blocks read by the stages, not the function
 
 
 def check_options(cfg: DictConfig) -> list[str]:
@@ -60,6 +67,12 @@ def check_options(cfg: DictConfig) -> list[str]:
         block = _at(values, prefix)
         if isinstance(block, Mapping):
             warnings += _check_strategy(prefix, block, ctx, checked)
+    svc = values["method"].get("svc") if isinstance(values.get("method"), Mapping) else None
+    if svc is not None:  # its relations to the method and the run: stages/merge.py check_svc
+        if not isinstance(svc, Mapping):
+            raise ConfigError(f"method.svc={shown(svc)}: must be a block of settings ({', '.join(SVC_RANGES)}), "
+                              f"or null")
+        warnings += _check_block("method.svc", svc, SVC_RANGES, ctx, checked)
     for option, value in found.items():  # whatever no range covers: at least a finite number
         if option not in checked and is_real(value) and not math.isfinite(value):
             raise ConfigError(f"{option}={shown(value)}: must be a finite number")
@@ -101,6 +114,8 @@ def range_of(values: Mapping, option: str) -> Range | None:
             return STRATEGY_RANGES.get(block.get("strategy", "grid"), {}).get(option[len(prefix):])
     if option.startswith("method.statistics."):
         return STATISTICS_RANGES.get(option[len("method.statistics."):])
+    if option.startswith("method.svc."):
+        return SVC_RANGES.get(option[len("method.svc."):])
     if option.startswith("method."):
         fn = method_function(method)
         settings = {k: v for k, v in method.items() if k not in HYDRA_KEYS and k not in PIPELINE_KEYS}

@@ -114,11 +114,18 @@ STRATEGY_RANGES: dict[str, dict[str, Range]] = {
     },
 }
 
+# method.svc (post=svc; fusion_bench/merging/svc.py): alpha is a positive floor or "1/T"
+SVC_RANGES: dict[str, Range] = {
+    "alpha": any_of(positive("the calibration floor of s (the official run.sh: 1/T; 1.0 after TSV-M)"), choice("1/T")),
+    "keys": choice("official", "all_2d"),
+}
+
 # method.statistics (fusion_bench/stages/statistics.py)
 STATISTICS_RANGES: dict[str, Range] = {
-    "kind": choice("gram", "fisher"),
+    "kind": choice("gram", "fisher", "layer_gram"),  # layer_gram: RegMean++'s, of the partial merge
     "num_samples": integer(1, note="train examples per task"),
     "batch_size": COUNT,
     "seed": TORCH_SEED,
     "target": choice("sample", "label", "expected"),  # what a family offers: ModelFamily.fisher_targets
+    "norm_scales": FLAG,  # kind gram: also each norm scale's mean of x_hat^2 (LOT Merging)
 }
