@@ -9,7 +9,8 @@ Task-specific methods (:func:`tall_masks`, :func:`emr_merging`) return a :class:
 (shared vector + per-task masks and rescalers) that gives each task's weights.
 Statistics-based methods (:func:`regmean`, :func:`fisher_merging`) also take one statistic per task
 (Gram matrices, diagonal Fishers: fusion_bench.statistics) and no ``scaling_coef``. Coefficient learning
-(fusion_bench.merging.adamerging, fusion_bench.merging.lorahub) learns the coefficients of a weighted merge.
+(fusion_bench.merging.adamerging, fusion_bench.merging.adarank, fusion_bench.merging.lorahub) learns the coefficients
+of a weighted merge (AdaRank: also masks over the task vectors' singular components).
 
 Every method is declared where it is defined (``@merging_method``) in one table, ``METHODS`` (name of its
 conf/method/*.yaml -> :class:`~fusion_bench.merging.registry.MethodSpec`: kind, affine in scaling_coef, modes,

@@ -132,6 +132,43 @@ def mean_entropy(logits: Tensor) -> Tensor:
     return -(lp.exp() * lp).sum(-1).mean()
 
 
+def entropy_and_grads(
+    merge: Callable[[], Mapping[str, Tensor]],
+    params: Sequence[Tensor],
+    keys: Sequence[str],
+    logits_fn: LogitsFn,
+    inputs: Sequence[Any],
+    tasks: Sequence[int] | None = None,
+) -> tuple[float, list[Tensor]]:
+    """Loss ``sum_i mean_entropy(logits_fn(merge(), tasks[i], inputs[i]))`` and its gradient in each of ``params``.
+
+    ``merge()`` builds the merged weights differentiably in ``params`` (leaves that require grad); ``keys`` are the
+    merged keys.  ``tasks[i]`` is the task of batch ``inputs[i]`` (default: batch ``i`` is task ``i``).  Batches are
+    back-propagated one at a time into the merged weights (only one batch's activations are alive), then once
+    through the merge: the task vectors (or their factors, AdaRank) are read once per step, not once per batch.
+    A parameter the loss does not reach gets a zero gradient.  Shared by AdaMerging and AdaRank (merging/adarank.py).
+    """
+    tasks = list(range(len(inputs))) if tasks is None else list(tasks)
+    if len(tasks) != len(inputs):
+        raise ValueError(f"adamerging: {len(inputs)} input batches but {len(tasks)} task indices")
+    with torch.enable_grad():
+        w = merge()
+        leaves = {k: w[k].detach().requires_grad_(True) for k in keys if w[k].requires_grad}
+        weights = {**w, **leaves}
+        total = 0.0
+        for t, x in zip(tasks, inputs):
+            ent = mean_entropy(logits_fn(weights, t, x))
+            if ent.requires_grad:
+                ent.backward(inputs=list(leaves.values()))
+            total += float(ent.detach())
+        used = [k for k in leaves if leaves[k].grad is not None]
+        if not used:
+            return total, [torch.zeros_like(p) for p in params]
+        grads = torch.autograd.grad([w[k] for k in used], list(params), [leaves[k].grad for k in used],
+                                    allow_unused=True)
+    return total, [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
 def entropy_loss_and_grad(
     pretrained: Mapping[str, Tensor],
     task_vectors: Sequence[Mapping[str, Tensor]],
@@ -143,28 +180,12 @@ def entropy_loss_and_grad(
 ) -> tuple[float, Tensor]:
     """Loss ``sum_i mean_entropy(logits_fn(theta(coefs), tasks[i], inputs[i]))`` and its gradient (coefs).
 
-    ``tasks[i]`` is the task of batch ``inputs[i]`` (default: batch ``i`` is task ``i``).  Batches are
-    back-propagated one at a time into the merged weights (only one batch's activations are alive), then once
-    through the merge: the task vectors are read once per step, not once per batch.
+    ``tasks[i]`` is the task of batch ``inputs[i]`` (default: batch ``i`` is task ``i``); see
+    :func:`entropy_and_grads` for how the batches are back-propagated.
     """
-    tasks = list(range(len(inputs))) if tasks is None else list(tasks)
-    if len(tasks) != len(inputs):
-        raise ValueError(f"adamerging: {len(inputs)} input batches but {len(tasks)} task indices")
     c = coefs.detach().requires_grad_(True)
-    with torch.enable_grad():
-        w = merged_weights(pretrained, task_vectors, c, keys)
-        leaves = {k: w[k].detach().requires_grad_(True) for k in keys}
-        weights = {**w, **leaves}
-        total = 0.0
-        for t, x in zip(tasks, inputs):
-            ent = mean_entropy(logits_fn(weights, t, x))
-            if ent.requires_grad:
-                ent.backward(inputs=list(leaves.values()))
-            total += float(ent.detach())
-        used = [k for k in keys if leaves[k].grad is not None]
-        if not used:
-            return total, torch.zeros_like(c)
-        (g,) = torch.autograd.grad([w[k] for k in used], [c], [leaves[k].grad for k in used])
+    total, (g,) = entropy_and_grads(lambda: merged_weights(pretrained, task_vectors, c, keys), [c], keys, logits_fn,
+                                    inputs, tasks)
     return total, g
 
 

@@ -49,7 +49,7 @@ KINDS = ("data-free", "task-specific", "statistics", "coefficients")
 # statistic -> the merging function's argument (stages/statistics); layer_gram: RegMean++'s Grams of the partial
 # merge, not stored but computed during the merge through a callable (merging/regmean_pp.py)
 STATISTICS = {"gram": "grams", "fisher": "fishers", "layer_gram": "layer_grams"}
-COEFFICIENT_STRATEGIES = ("adamerging", "lorahub")  # conf/coefficients/<strategy>.yaml
+COEFFICIENT_STRATEGIES = ("adamerging", "adarank", "lorahub")  # conf/coefficients/<strategy>.yaml
 
 
 @dataclass(frozen=True)

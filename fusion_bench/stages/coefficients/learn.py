@@ -1,10 +1,14 @@
-"""Coefficient learning (`coefficients=adamerging|lorahub`): the coefficients of a weighted merge learnt from
+"""Coefficient learning (`coefficients=adamerging|adarank|lorahub`): the coefficients of a weighted merge learnt from
 data, beside the grid search on val (`coefficients=grid`, the default; fusion_bench/stages/coefficients/grid.py).
 
 - adamerging (Yang et al., ICLR 2024): per task (`layer_wise: false`) or per task and parameter tensor, by
   minimising the entropy of each task's predictions on unlabelled inputs (the test split's, as the paper does;
   `split: val` as an option). Over task arithmetic's task vectors = AdaMerging; over TIES-trimmed,
   sign-resolved ones (`method=ties`) = AdaMerging++.
+- adarank (Lee et al., ICLR 2026): per task and masked key, a mask over the task vector's singular components,
+  learnt with AdaMerging's layer-wise coefficients by the same entropy minimisation (straight-through masks), over
+  task arithmetic (`method=adarank`) or CART (`method=adarank_cart`); it starts at the base merge as configured
+  (method.scaling_coef, CART's rank_ratio); see fusion_bench/merging/adarank.py.
 - lorahub (Huang et al., 2023): one weight per LoRA fine-tune, searched gradient-free on a few labelled val
   examples per task; A and B combined separately, key by key, around an origin at which the model is the
   pretrained one (w = 0): the zero adapter for zero-B inits (the reference's sum_t w_t phi_t), the shared init
@@ -23,6 +27,8 @@ from torch.utils._pytree import tree_map
 from fusion_bench.errors import ConfigError
 from fusion_bench.families.base import ModelFamily
 from fusion_bench.merging.adamerging import adamerging, ties_task_vectors
+from fusion_bench.merging.adarank import BASES as ADARANK_BASES
+from fusion_bench.merging.adarank import adarank, masked_keys, prepare_adarank
 from fusion_bench.merging.lorahub import lorahub, lorahub_origin
 from fusion_bench.reporting import plots
 from fusion_bench.stages.merge import Method
@@ -51,13 +57,31 @@ def check(fam: ModelFamily, method: Method, coef_cfg: DictConfig, tasks: list[st
                               f"merges {'LoRA adapters' if fam.merges_adapters else 'a linearized model'}: use "
                               f"finetune=standard, attention, linear_layers or lora (task_vector=delta_w)")
         _needs(fam, "logits_at", strategy)
+    elif strategy == "adarank":
+        if method.func.__name__ not in ADARANK_BASES:
+            raise ConfigError(f"coefficients=adarank masks the singular components of task_arithmetic (method=adarank) "
+                              f"or cart (method=adarank_cart) task vectors, not of method={method.name}")
+        if not fam.merges_plain_weights:
+            raise ConfigError(f"coefficients=adarank runs the encoder at merged weights, but finetune={fam.mode} merges "
+                              f"{'LoRA adapters' if fam.merges_adapters else 'a linearized model'}: use "
+                              f"finetune=standard, attention, linear_layers or lora (task_vector=delta_w)")
+        _needs(fam, "logits_at", strategy)
+        _adarank_start(method, coef_cfg, tasks)
+        keys = str(coef_cfg.get("keys", "official"))  # (DictConfig.keys is a method)
+        if method.func.__name__ == "cart" and str(method.cfg.get("keys", "official")) != keys:
+            raise ConfigError(f"coefficients.keys={keys} masks other keys than CART truncates (method.keys="
+                              f"{method.cfg.get('keys', 'official')}): give both the same keys")
+        try:
+            masked_keys(fam.pretrained_state, keys)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
     elif strategy == "lorahub":
         if not fam.merges_adapters:
             raise ConfigError(f"coefficients=lorahub combines LoRA adapters: use finetune=l_lora, or finetune=lora "
                               f"finetune.task_vector=adapters (got finetune={fam.mode})")
         _needs(fam, "loss", strategy)
     else:
-        raise ConfigError(f"coefficients.strategy={strategy!r}; expected grid, adamerging or lorahub")
+        raise ConfigError(f"coefficients.strategy={strategy!r}; expected grid, adamerging, adarank or lorahub")
     fam.require_split(tasks, coef_cfg.get("split", "val"), f"coefficients={strategy} (inputs to learn from)")
 
 
@@ -73,6 +97,8 @@ def learn(fam: ModelFamily, method: Method, coef_cfg: DictConfig, finetuned: lis
     """The merge at the learnt coefficients, and what the report records of them."""
     if coef_cfg.strategy == "adamerging":
         return _adamerging(fam, method, coef_cfg, finetuned, tasks, run_dir)
+    if coef_cfg.strategy == "adarank":
+        return _adarank(fam, method, coef_cfg, finetuned, tasks, run_dir)
     return _lorahub(fam, coef_cfg, finetuned, tasks)
 
 
@@ -108,6 +134,65 @@ def _adamerging(fam, method, c, finetuned, tasks, run_dir):
             "entropy_first": res.entropy[0] if res.entropy else None,
             "entropy_last": res.entropy[-1] if res.entropy else None, "keys": res.keys if res.layer_wise else None,
             "coefficients": dict(zip(tasks, coefs))}
+    return merged, info
+
+
+def _adarank_start(method: Method, c: DictConfig, tasks: list[str]) -> tuple[float | list[float], float]:
+    """Where AdaRank starts: (lambda, the share of components kept). The base merge as configured unless the block
+    says otherwise: lambda = method.scaling_coef (coefficients.init), kept = CART's rank_ratio or all for task
+    arithmetic (coefficients.initial_rank_ratio)."""
+    init = c.get("init")
+    if init is None:
+        init = method.cfg.get("scaling_coef")
+        if init is None or isinstance(init, str):
+            raise ConfigError(f"coefficients=adarank starts lambda at method.scaling_coef, which is {init!r}: give a "
+                              f"number (the official start: 0.3 over task_arithmetic, 2.3 over cart) or set "
+                              f"coefficients.init")
+        where = "method.scaling_coef"
+    else:
+        where = "coefficients.init"
+    if not isinstance(init, (int, float)):
+        init = [float(v) for v in init]
+        if len(init) != len(tasks):
+            raise ConfigError(f"{where} has {len(init)} values for {len(tasks)} tasks: give one number, or one per task")
+    ratio = c.get("initial_rank_ratio")
+    if ratio is None:
+        ratio = float(method.cfg.get("rank_ratio", 0.12)) if method.func.__name__ == "cart" else 1.0
+    return init, float(ratio)
+
+
+def _adarank(fam, method, c, finetuned, tasks, run_dir):
+    device = fam.eval_where["device"]
+    init, ratio = _adarank_start(method, c, tasks)
+    base = method.func.__name__
+    inp = prepare_adarank(fam.pretrained_state, finetuned, base=base, keys=str(c.get("keys", "official")),
+                          device=device)
+    encoder = fam.model_with(fam.pretrained_state).to(device)
+    split, bs = str(c.get("split", "test")), int(c.batch_size)
+    streams = [_Stream(fam, t, split, bs, int(c.seed) + i, device) for i, t in enumerate(tasks)]
+    res = adarank(inp, lambda w, t, x: fam.logits_at(encoder, w, tasks[t], x), lambda step, t: streams[t].next(),
+                  init=init, initial_rank_ratio=ratio, steps=int(c.steps), lr=float(c.lr),
+                  mask_temp=float(c.mask_temp), mask_init=float(c.mask_init), learn_coefs=bool(c.learn_coefs),
+                  batches_per_task=int(c.batches_per_task), progress=True)
+    merged = {k: v.cpu() for k, v in res.weights(inp).items()}
+    kept = res.kept()
+    ranks = {k: inp.rank(k) for k in inp.masked}
+    coefs = res.coefs.tolist()
+    x = list(range(len(ranks)))
+    plots.curves(x, {t: [kept[i][k] / ranks[k] for k in ranks] for i, t in enumerate(tasks)},
+                 f"AdaRank: share of singular components kept ({method.name}, finetune={fam.mode})",
+                 "masked key (encoder order)", "kept / rank", run_dir / "ranks.png")
+    plots.curves(list(range(len(res.keys))), dict(zip(tasks, coefs)),
+                 f"AdaRank coefficients ({method.name}, finetune={fam.mode})", "parameter tensor (encoder order)",
+                 "learnt coefficient", run_dir / "coefficients.png")
+    info = {"strategy": "adarank", "inputs": f"{split} split, no labels", "base": base, "layer_wise": True,
+            "steps": int(c.steps), "batches_per_task": int(c.batches_per_task), "learn_coefs": bool(c.learn_coefs),
+            "init": init, "initial_rank_ratio": ratio,
+            "entropy_first": res.entropy[0] if res.entropy else None,
+            "entropy_last": res.entropy[-1] if res.entropy else None, "keys": res.keys,
+            "coefficients": dict(zip(tasks, coefs)), "masked_keys": list(ranks), "rank": ranks,
+            "kept": dict(zip(tasks, kept)),
+            "kept_fraction": {t: sum(d.values()) / max(1, sum(ranks.values())) for t, d in zip(tasks, kept)}}
     return merged, info
 
 
