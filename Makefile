@@ -68,7 +68,7 @@ ADARANK_STEPS ?= 500   # AdaMerging's step count: the official 10000 (ViT-B/32) 
 
 bench-tiny-data: ## RegMean (++), LOT, Fisher merging, AdaMerging (++), AdaRank on tiny_eight; LoraHub on the l_lora and lora fine-tunes
 	$(PY) run.py -m finetune=$(MODES_DATA) method=$(METHODS_DATA)
-	$(PY) run.py -m finetune=$(MODES_DATA) method=adarank,adarank_cart method.coefficients.steps=$(ADARANK_STEPS)
+	$(PY) run.py -m finetune=$(MODES_DATA) method=adarank,adarank_cart ++method.coefficients.steps=$(ADARANK_STEPS)
 	$(PY) run.py -m finetune=l_lora,lora ++finetune.task_vector=adapters method=lorahub
 
 # ---- the partial-linearization paper's table on tiny_glue (docs/tiny-t5.md), then one report. L-LoRA is evaluated
