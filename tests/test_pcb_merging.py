@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from helpers import save_models
+from helpers import assert_bad_values_refused_by_name, save_models, store_fake_finetunes
 from safetensors.torch import load_file
 
 import fusion_bench.merging.task_vectors as tv
@@ -399,31 +399,11 @@ def test_table_entry_yaml_and_declared_affinity(tmp_path):
 def test_every_numeric_setting_refuses_bad_values_by_name(make_cfg):
     """As tests/test_validation_ranges.py walks every config: the YAML validates as a whole run; each numeric
     setting has a declared range, and the usual bad values are refused naming the setting, or lie inside it."""
-    import copy
-    import math
-
-    from omegaconf import OmegaConf
-
     from fusion_bench.pipeline import validate_config
-    from fusion_bench.validation.check import check_options, range_of
-    from fusion_bench.validation.ranges import Context
 
     cfg = make_cfg("method=pcb_merging")
     validate_config(cfg)
-    values = OmegaConf.to_container(cfg, resolve=True)
-    ctx = Context(tasks=tuple(values["taskpool"]["tasks"]))
-    for option in ('method.scaling_coef', 'method.pcb_ratio', 'method.clamp_ratio'):
-        rng = range_of(values, option)
-        assert rng is not None, option
-        for bad in (math.nan, math.inf, -math.inf, 0, -1, -5, 1e12, 2.5, "abc"):
-            changed = copy.deepcopy(cfg)
-            OmegaConf.update(changed, option, bad, merge=False)
-            try:
-                check_options(changed)
-            except ConfigError as e:
-                assert str(e).startswith(f"{option}=") and "\n" not in str(e), e
-                continue
-            assert bad != "abc" and math.isfinite(bad) and rng.problem(bad, ctx) is None, (option, bad)
+    assert_bad_values_refused_by_name(cfg, ('method.scaling_coef', 'method.pcb_ratio', 'method.clamp_ratio'))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,13 +416,7 @@ def test_pipeline_run_merges_as_the_function(make_cfg, tmp_path, monkeypatch):
 
     pool = ["taskpool.tasks=[shapes,colors]"]
     fam = build_family(make_cfg(*pool))
-    g = torch.Generator().manual_seed(5)
-    fts = []
-    for t in fam.tasks:
-        state = {k: v + 0.3 * v.std().clamp_min(0.05) * torch.randn(v.shape, generator=g)
-                 for k, v in fam.trainable_state(fam.base).items()}
-        fam.store.save(fam.checkpoint(t), state, {"task": t, "pretrained": fam.fingerprint})
-        fts.append(fam.to_merge_space(state))
+    fts = store_fake_finetunes(fam, seed=5)
     monkeypatch.setattr("fusion_bench.clip.train.finetune", lambda *a, **k: pytest.fail("fine-tuned"))
     run(make_cfg(*pool, "method=pcb_merging", "stage=merge", "method.inter=pairwise"), tmp_path / "run", "pcb_merging")
     merged = load_file(tmp_path / "run" / "merged.safetensors")

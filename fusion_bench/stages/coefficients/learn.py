@@ -52,20 +52,12 @@ def check(fam: ModelFamily, method: Method, coef_cfg: DictConfig, tasks: list[st
         if method.func.__name__ not in WEIGHTED:
             raise ConfigError(f"coefficients=adamerging learns coefficients of task_arithmetic (AdaMerging) or ties "
                               f"(AdaMerging++) task vectors, not of method={method.name}")
-        if not fam.merges_plain_weights:
-            raise ConfigError(f"coefficients=adamerging runs the encoder at merged weights, but finetune={fam.mode} "
-                              f"merges {'LoRA adapters' if fam.merges_adapters else 'a linearized model'}: use "
-                              f"finetune=standard, attention, linear_layers or lora (task_vector=delta_w)")
-        _needs(fam, "logits_at", strategy)
+        _runs_merged_weights(fam, strategy)
     elif strategy == "adarank":
         if method.func.__name__ not in ADARANK_BASES:
             raise ConfigError(f"coefficients=adarank masks the singular components of task_arithmetic (method=adarank) "
                               f"or cart (method=adarank_cart) task vectors, not of method={method.name}")
-        if not fam.merges_plain_weights:
-            raise ConfigError(f"coefficients=adarank runs the encoder at merged weights, but finetune={fam.mode} merges "
-                              f"{'LoRA adapters' if fam.merges_adapters else 'a linearized model'}: use "
-                              f"finetune=standard, attention, linear_layers or lora (task_vector=delta_w)")
-        _needs(fam, "logits_at", strategy)
+        _runs_merged_weights(fam, strategy)
         _adarank_start(method, coef_cfg, tasks)
         keys = str(coef_cfg.get("keys", "official"))  # (DictConfig.keys is a method)
         if method.func.__name__ == "cart" and str(method.cfg.get("keys", "official")) != keys:
@@ -135,6 +127,15 @@ def _adamerging(fam, method, c, finetuned, tasks, run_dir):
             "entropy_last": res.entropy[-1] if res.entropy else None, "keys": res.keys if res.layer_wise else None,
             "coefficients": dict(zip(tasks, coefs))}
     return merged, info
+
+
+def _runs_merged_weights(fam: ModelFamily, strategy: str) -> None:
+    """AdaMerging and AdaRank differentiate the encoder at merged plain weights (the family's logits_at)."""
+    if not fam.merges_plain_weights:
+        raise ConfigError(f"coefficients={strategy} runs the encoder at merged weights, but finetune={fam.mode} merges "
+                          f"{'LoRA adapters' if fam.merges_adapters else 'a linearized model'}: use "
+                          f"finetune=standard, attention, linear_layers or lora (task_vector=delta_w)")
+    _needs(fam, "logits_at", strategy)
 
 
 def _adarank_start(method: Method, c: DictConfig, tasks: list[str]) -> tuple[float | list[float], float]:
